@@ -1,0 +1,271 @@
+//! The idempotency flow for one keyed request: reserve, replay or refuse; then store.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix_web::{
+    body::{BoxBody, EitherBody, MessageBody},
+    dev::{Payload, ServiceResponse},
+    Error, HttpResponse, ResponseError,
+};
+
+use crate::{
+    body::{capture_response_body, read_request_body, CapturedBody, RequestBodyError},
+    config::{Config, StoreOutage},
+    context::RequestFacts,
+    encoder::KeyParts,
+    key::InvalidKey,
+    manual::{ManualIdempotency, PriorResponse},
+    replay::{replay_response, replayable_headers},
+    storage::{CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse},
+    Fingerprint, IdempotencyError,
+};
+
+/// How often a duplicate looks again while it waits for the first request's response.
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// What in-flight refusals suggest in `Retry-After`.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a route asks of keyed requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyedPolicy {
+    Required,
+    Optional,
+    Manual,
+}
+
+/// The outcome of [`start`].
+pub(crate) enum Start {
+    /// Answer with this response; the handler does not run.
+    Respond(HttpResponse),
+    /// Run the handler with this payload, then hand its response to the pending record (if any).
+    Proceed {
+        payload: Payload,
+        pending: Option<PendingRecord>,
+        manual: Option<ManualIdempotency>,
+    },
+}
+
+fn refuse(error: IdempotencyError) -> Start {
+    Start::Respond(error.error_response())
+}
+
+/// Decides what a request under a keyed policy gets, reserving its key if it runs.
+pub(crate) async fn start(
+    config: &Arc<Config>,
+    policy: KeyedPolicy,
+    store_name: Option<&str>,
+    facts: RequestFacts,
+    payload: Payload,
+) -> Start {
+    let header = || config.header.as_str().to_owned();
+    let key = match facts.key {
+        Ok(Some(key)) => key,
+        Ok(None) if policy == KeyedPolicy::Optional => {
+            return Start::Proceed {
+                payload,
+                pending: None,
+                manual: None,
+            }
+        }
+        Ok(None) => return refuse(IdempotencyError::MissingKey { header: header() }),
+        Err(invalid) => {
+            return refuse(IdempotencyError::InvalidKey {
+                header: header(),
+                reason: InvalidKey::reason(invalid),
+            })
+        }
+    };
+    let Some(store) = config.store(store_name).cloned() else {
+        log::error!("idempotency: no store is registered under the name {store_name:?}");
+        return refuse(IdempotencyError::Misconfigured("unknown store name"));
+    };
+    let limit = config.request_body_limit;
+    if facts.content_length.is_some_and(|length| length > limit as u64) {
+        return refuse(IdempotencyError::BodyTooLarge { limit });
+    }
+    let body = match read_request_body(payload, limit).await {
+        Ok(body) => body,
+        Err(RequestBodyError::TooLarge) => return refuse(IdempotencyError::BodyTooLarge { limit }),
+        Err(RequestBodyError::Unreadable) => return refuse(IdempotencyError::BodyUnreadable),
+    };
+    let fingerprint = config.fingerprinter.fingerprint(facts.content_type.as_deref(), &body);
+    let storage_key = config.encoder.encode(
+        &KeyParts::new(&key, &facts.method, &facts.path, &body)
+            .scope(facts.scope.as_deref())
+            .authorization(facts.authorization.as_ref().map(|v| v.as_bytes())),
+    );
+    let manual = policy == KeyedPolicy::Manual;
+    let give_up_at = Instant::now() + config.lock_wait;
+    loop {
+        let reservation = store
+            .reserve(&storage_key, fingerprint, config.reservation_lease)
+            .await;
+        match reservation {
+            Ok(Reservation::Acquired(token)) => {
+                return Start::Proceed {
+                    payload: Payload::from(body),
+                    pending: Some(PendingRecord::new(config, store, storage_key, token, fingerprint)),
+                    manual: manual.then(|| ManualIdempotency::new(key, false, true, None)),
+                };
+            }
+            Ok(Reservation::Completed(record)) if manual => {
+                let prior = record.response.as_ref().map(PriorResponse::from_stored);
+                let matches = record.fingerprint == fingerprint;
+                return Start::Proceed {
+                    payload: Payload::from(body),
+                    pending: None,
+                    manual: Some(ManualIdempotency::new(key, true, matches, prior)),
+                };
+            }
+            Ok(Reservation::Completed(record)) => {
+                return match (&record.response, record.fingerprint == fingerprint) {
+                    (_, false) => refuse(IdempotencyError::PayloadMismatch),
+                    (Some(stored), true) => {
+                        Start::Respond(replay_response(stored, config.replay_status))
+                    }
+                    (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
+                };
+            }
+            Ok(Reservation::InFlight { fingerprint: theirs, .. }) => {
+                if theirs != fingerprint && !manual {
+                    return refuse(IdempotencyError::PayloadMismatch);
+                }
+                let now = Instant::now();
+                if now >= give_up_at {
+                    return refuse(IdempotencyError::InFlight {
+                        status: config.in_flight_status,
+                        retry_after: RETRY_AFTER,
+                    });
+                }
+                tokio::time::sleep(WAIT_POLL_INTERVAL.min(give_up_at - now)).await;
+            }
+            Err(error) => {
+                log::error!("idempotency: store unavailable while reserving a key: {error}");
+                return match config.store_outage {
+                    StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
+                    StoreOutage::FailOpen => {
+                        log::warn!("idempotency: running the handler unprotected (fail-open)");
+                        Start::Proceed {
+                            payload: Payload::from(body),
+                            pending: None,
+                            manual: manual.then(|| ManualIdempotency::new(key, false, true, None)),
+                        }
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// A reservation whose handler is running. Dropped without [`finish`](Self::finish) (the
+/// client went away, the handler panicked), it frees its key in the background; the lease
+/// covers the case where even that cannot run.
+pub(crate) struct PendingRecord {
+    config: Arc<Config>,
+    store: Arc<dyn DynStore>,
+    key: String,
+    token: ReservationToken,
+    fingerprint: Fingerprint,
+    settled: bool,
+}
+
+impl PendingRecord {
+    fn new(
+        config: &Arc<Config>,
+        store: Arc<dyn DynStore>,
+        key: String,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        Self {
+            config: Arc::clone(config),
+            store,
+            key,
+            token,
+            fingerprint,
+            settled: false,
+        }
+    }
+
+    /// Stores the handler's response (when its status is storable) or frees the key.
+    pub(crate) async fn finish<B>(
+        mut self,
+        result: Result<ServiceResponse<B>, Error>,
+    ) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    where
+        B: MessageBody + 'static,
+    {
+        let response = match result {
+            Ok(response) if self.config.is_storable(response.status()) => response,
+            other => {
+                self.release().await;
+                return other.map(ServiceResponse::map_into_left_body);
+            }
+        };
+        let (request, response) = response.into_parts();
+        let (head, body) = response.into_parts();
+        let (record, body) = match capture_response_body(body, self.config.response_body_limit).await {
+            CapturedBody::Complete(bytes) => {
+                let stored = StoredResponse::new(
+                    head.status().as_u16(),
+                    replayable_headers(head.headers()),
+                    bytes.clone(),
+                );
+                (Some(stored), BoxBody::new(bytes))
+            }
+            CapturedBody::TooLarge(body) => (None, body),
+            CapturedBody::Failed(error) => {
+                log::error!("idempotency: the response body failed while it was stored: {error}");
+                self.release().await;
+                return Err(actix_web::error::ErrorInternalServerError(
+                    "the response body failed",
+                ));
+            }
+        };
+        self.complete(record).await;
+        Ok(ServiceResponse::new(request, head.set_body(body)).map_into_right_body())
+    }
+
+    async fn complete(&mut self, response: Option<StoredResponse>) {
+        self.settled = true;
+        let record = CompletedRecord::new(self.fingerprint, response);
+        let ttl = self.config.record_ttl;
+        match self.store.complete(&self.key, self.token, record, ttl).await {
+            Ok(Completion::Stored) => {}
+            Ok(_) => log::warn!(
+                "idempotency: the reservation lease ran out before the handler finished; \
+                 its response was not stored (raise reservation_lease)"
+            ),
+            Err(error) => log::error!("idempotency: could not store a response: {error}"),
+        }
+    }
+
+    async fn release(&mut self) {
+        self.settled = true;
+        if let Err(error) = self.store.release(&self.key, self.token).await {
+            log::error!("idempotency: could not free a key (its lease will): {error}");
+        }
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let key = std::mem::take(&mut self.key);
+        let token = self.token;
+        // A drop outside a runtime (a shutting-down worker) leaves the key to its lease.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            actix_web::rt::spawn(async move {
+                if let Err(error) = store.release(&key, token).await {
+                    log::error!("idempotency: could not free an abandoned key: {error}");
+                }
+            });
+        }
+    }
+}

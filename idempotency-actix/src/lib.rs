@@ -1,0 +1,137 @@
+//! Safe retries for [actix-web](https://docs.rs/actix-web) services through `Idempotency-Key`s.
+//!
+//! A client that lost a response retries its request with the same
+//! [idempotency key](https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/).
+//! The server runs the handler once and replays the stored response to every retry, however
+//! many arrive and however concurrently:
+//!
+//! - a retry after success gets the stored status, headers and body, marked
+//!   `Idempotent-Replayed: true`;
+//! - a duplicate that arrives while the first request still runs waits briefly for its
+//!   response, then gets **409** with `Retry-After`;
+//! - the same key with another payload gets **422**; a missing or malformed key gets **400**;
+//! - keys are scoped to the caller (the `Authorization` header by default);
+//! - every error is an `application/problem+json` response with a stable `type`
+//!   ([`IdempotencyError`]).
+//!
+//! # Getting started
+//!
+//! Register [`IdempotencyMiddleware`] on the app, then mark handlers:
+//!
+//! ```no_run
+//! use actix_web::{post, web, App, HttpResponse, HttpServer};
+//! use idempotency_actix::{idempotency_exempt, idempotent, IdempotencyMiddleware, MemoryStore};
+//!
+//! #[idempotent]
+//! #[post("/payments")]
+//! async fn pay(body: web::Bytes) -> HttpResponse {
+//!     HttpResponse::Created().body(body)
+//! }
+//!
+//! #[idempotency_exempt]
+//! #[post("/ping")]
+//! async fn ping() -> HttpResponse {
+//!     HttpResponse::Ok().finish()
+//! }
+//!
+//! #[actix_web::main]
+//! async fn main() -> std::io::Result<()> {
+//!     // Build the middleware (and its store) once, outside the factory closure.
+//!     let idempotency = IdempotencyMiddleware::new(MemoryStore::default());
+//!     HttpServer::new(move || {
+//!         App::new()
+//!             .wrap(idempotency.clone()) // first: innermost
+//!             .service(pay)
+//!             .service(ping)
+//!     })
+//!     .bind("127.0.0.1:8080")?
+//!     .run()
+//!     .await
+//! }
+//! ```
+//!
+//! | attribute | key | handler runs | stored |
+//! |---|---|---|---|
+//! | `#[idempotent]` | required (400 without) | once per key | yes |
+//! | `#[idempotent(optional)]` | used when present | once per key, or every time without one | with a key |
+//! | `#[idempotency_exempt]` | ignored | every time | no |
+//! | `#[idempotency_manual]` | required | every time; it reads [`ManualIdempotency`] | first response |
+//! | none, [`Mode::Enforce`] | required | once per key | yes |
+//! | none, [`Mode::Exempt`] | ignored | every time | no |
+//!
+//! Attributes go **above** the route attribute (`#[post(..)]`, `#[route(..)]`). Routes
+//! registered by hand take an [`IdempotencyPolicy`] with `.wrap(..)`.
+//!
+//! # Choosing a backend
+//!
+//! [`MemoryStore`] (the default, on moka) keeps records in the process: right for one
+//! instance. Any backend implementing [`IdempotencyStore`] can be plugged in; its
+//! [`reserve`](IdempotencyStore::reserve) must be atomic.
+//!
+//! # Customising keys
+//!
+//! [`IdempotencyMiddlewareBuilder`] sets the header name, the caller [`CallerScope`], the
+//! [`KeyEncoder`] (with [`PythonKeyEncoder`] for stores shared with the Django package), the
+//! [`Fingerprinter`], the stored statuses, the replay status, lock and lease timings, body
+//! limits and the store-outage policy:
+//!
+//! ```
+//! use std::time::Duration;
+//! use idempotency_actix::{IdempotencyMiddleware, InFlightStatus, MemoryStore, ReplayStatus};
+//! use actix_web::http::StatusCode;
+//!
+//! let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
+//!     .header_name("HTTP_IDEMPOTENCY_KEY") // Django spelling, converted
+//!     .replay_status(ReplayStatus::Fixed(StatusCode::CONFLICT))
+//!     .store_on_statuses(200..=299)
+//!     .lock_timeout(Duration::from_millis(250))
+//!     .lock_timeout_status(InFlightStatus::Locked)
+//!     .record_ttl(Duration::from_secs(3600))
+//!     .build()
+//!     .expect("valid configuration");
+//! # let _ = middleware;
+//! ```
+//!
+//! # Limits
+//!
+//! In [`Mode::Enforce`], handlers **without** an attribute are only known to need a key after
+//! routing has taken the request, so the middleware's own answers for them (400, 409, 422, 503
+//! and replays) travel as an `actix_web::Error` holding the full response. Clients see exactly
+//! the same response, but middleware registered outside this one that only acts on successful
+//! responses (`Logger`, `DefaultHeaders`, CORS) skips them. Mark such handlers
+//! `#[idempotent]` to have every answer pass through the whole stack.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod body;
+mod config;
+mod context;
+mod encoder;
+mod error;
+mod fingerprint;
+mod flow;
+mod key;
+mod manual;
+mod middleware;
+mod policy;
+mod replay;
+pub mod storage;
+
+pub use config::{IdempotencyMiddlewareBuilder, InFlightStatus, Mode, ReplayStatus, StoreOutage};
+pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
+pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};
+pub use fingerprint::{BodyFingerprint, Fingerprint, Fingerprinter, NoFingerprint};
+pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent};
+pub use key::{AuthorizationScope, CallerScope, GlobalScope, IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
+pub use manual::{ManualIdempotency, PriorResponse};
+pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
+pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
+pub use replay::REPLAYED_HEADER;
+pub use storage::{IdempotencyStore, MemoryStore};
+
+/// Paths used by the code the handler attributes generate. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::policy::IdempotencyPolicy;
+}

@@ -1,0 +1,243 @@
+//! Per-route policies and the marker middleware the handler attributes attach.
+
+use std::{
+    future::{ready, Ready},
+    rc::Rc,
+    sync::Arc,
+};
+
+use actix_web::{
+    body::{EitherBody, MessageBody},
+    dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
+    Error, HttpMessage, ResponseError,
+};
+use futures_util::{
+    future::{Either, LocalBoxFuture, MapOk},
+    TryFutureExt,
+};
+
+use crate::{
+    config::is_store_name_registered,
+    context::{is_safe, Decision, RequestFacts, RouteSlot},
+    flow::{self, KeyedPolicy, Start},
+    IdempotencyError,
+};
+
+/// What a route does with idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PolicyKind {
+    /// A key is required (400 without one); the first storable response is replayed.
+    Required,
+    /// With a key, as [`Required`](Self::Required); without one the handler runs every time.
+    Optional,
+    /// Keys are ignored: the handler runs every time and nothing is stored.
+    Exempt,
+    /// A key is required; the handler always runs and decides, through
+    /// [`ManualIdempotency`](crate::ManualIdempotency).
+    Manual,
+}
+
+/// A route's idempotency policy, as a route- or resource-level middleware.
+///
+/// The handler attributes (`#[idempotent]`, `#[idempotent(optional)]`,
+/// `#[idempotency_exempt]`, `#[idempotency_manual]`) attach it for you. For routes registered
+/// by hand, wrap the route or resource with it:
+///
+/// ```
+/// use actix_web::{web, App, HttpResponse};
+/// use idempotency_actix::{IdempotencyMiddleware, IdempotencyPolicy, MemoryStore};
+///
+/// let middleware = IdempotencyMiddleware::new(MemoryStore::default());
+/// let app = App::new()
+///     .wrap(middleware)
+///     .service(
+///         web::resource("/payments")
+///             .wrap(IdempotencyPolicy::required())
+///             .route(web::post().to(HttpResponse::Created)),
+///     )
+///     .route("/health", web::post().to(HttpResponse::Ok).wrap(IdempotencyPolicy::exempt()));
+/// # let _ = app;
+/// ```
+///
+/// The policy is read during routing, before the handler runs, so it must be reached
+/// synchronously from [`IdempotencyMiddleware`](crate::IdempotencyMiddleware): register the
+/// app-level middleware *first* (innermost), and put no middleware that defers routing
+/// (`middleware::from_fn`, actix-session, actix-web-httpauth) between it and the routes. A
+/// policy reached too late answers 500 (`misconfigured`) and logs why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyPolicy {
+    kind: PolicyKind,
+    store: Option<Arc<str>>,
+}
+
+impl IdempotencyPolicy {
+    /// `#[idempotent]`: a key is required.
+    pub fn required() -> Self {
+        Self::new(PolicyKind::Required)
+    }
+
+    /// `#[idempotent(optional)]`: a key is used when present.
+    pub fn optional() -> Self {
+        Self::new(PolicyKind::Optional)
+    }
+
+    /// `#[idempotency_exempt]`: keys are ignored.
+    pub fn exempt() -> Self {
+        Self::new(PolicyKind::Exempt)
+    }
+
+    /// `#[idempotency_manual]`: the handler decides.
+    pub fn manual() -> Self {
+        Self::new(PolicyKind::Manual)
+    }
+
+    /// A policy of the given kind.
+    pub fn new(kind: PolicyKind) -> Self {
+        Self { kind, store: None }
+    }
+
+    /// Uses the store registered under `name` with
+    /// [`named_store`](crate::IdempotencyMiddlewareBuilder::named_store). An unknown name makes
+    /// the app fail at start-up.
+    #[must_use]
+    pub fn store(mut self, name: &str) -> Self {
+        self.store = Some(Arc::from(name));
+        self
+    }
+
+    /// The policy's kind.
+    pub fn kind(&self) -> PolicyKind {
+        self.kind
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for IdempotencyPolicy
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Transform = IdempotencyPolicyService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        if let Some(name) = self.store.as_deref() {
+            if !is_store_name_registered(name) {
+                log::error!(
+                    "idempotency: a route uses the store `{name}`, but no IdempotencyMiddleware \
+                     registers a store under that name (see IdempotencyMiddlewareBuilder::named_store)"
+                );
+                return ready(Err(()));
+            }
+        }
+        ready(Ok(IdempotencyPolicyService {
+            service: Rc::new(service),
+            policy: self.clone(),
+        }))
+    }
+}
+
+type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
+
+/// The service behind [`IdempotencyPolicy`]; not used directly.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct IdempotencyPolicyService<S> {
+    service: Rc<S>,
+    policy: IdempotencyPolicy,
+}
+
+impl<S, B> Service<ServiceRequest> for IdempotencyPolicyService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Future = Either<
+        MapOk<S::Future, MapIntoLeft<B>>,
+        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+    >;
+
+    forward_ready!(service);
+
+    fn call(&self, mut req: ServiceRequest) -> Self::Future {
+        let pass_through: MapIntoLeft<B> = ServiceResponse::map_into_left_body;
+        if is_safe(req.method()) {
+            return Either::Left(self.service.call(req).map_ok(pass_through));
+        }
+        let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
+        let slot = match slot {
+            Some(slot) if slot.decision.get() == Decision::Pending => slot,
+            Some(_) => {
+                log::error!(
+                    "idempotency: the route policy of {} {} was reached after IdempotencyMiddleware \
+                     had already applied its default: a middleware between them defers routing \
+                     (from_fn, actix-session, httpauth...). Register IdempotencyMiddleware after it \
+                     so that it runs innermost.",
+                    req.method(),
+                    req.path()
+                );
+                return misconfigured(req, "a middleware that defers routing runs between IdempotencyMiddleware and this route");
+            }
+            None => {
+                log::error!(
+                    "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
+                     registered on the app (App::wrap)",
+                    req.method(),
+                    req.path()
+                );
+                return misconfigured(req, "IdempotencyMiddleware is not registered on the app");
+            }
+        };
+        slot.decision.set(Decision::ClaimedByRoute);
+        if let Some(payload) = slot.held_payload.borrow_mut().take() {
+            req.set_payload(payload);
+        }
+        let keyed = match self.policy.kind {
+            PolicyKind::Exempt => return Either::Left(self.service.call(req).map_ok(pass_through)),
+            PolicyKind::Required => KeyedPolicy::Required,
+            PolicyKind::Optional => KeyedPolicy::Optional,
+            PolicyKind::Manual => KeyedPolicy::Manual,
+        };
+        let config = Arc::clone(&slot.config);
+        let facts = RequestFacts::capture(&req, &config);
+        let service = Rc::clone(&self.service);
+        let store = self.policy.store.clone();
+        Either::Right(Box::pin(async move {
+            let payload = req.take_payload();
+            match flow::start(&config, keyed, store.as_deref(), facts, payload).await {
+                Start::Respond(response) => Ok(req.into_response(response).map_into_right_body()),
+                Start::Proceed {
+                    payload,
+                    pending,
+                    manual,
+                } => {
+                    req.set_payload(payload);
+                    if let Some(manual) = manual {
+                        req.extensions_mut().insert(manual);
+                    }
+                    let result = service.call(req).await;
+                    match pending {
+                        Some(pending) => pending.finish(result).await,
+                        None => result.map(ServiceResponse::map_into_left_body),
+                    }
+                }
+            }
+        }))
+    }
+}
+
+fn misconfigured<L, B>(
+    req: ServiceRequest,
+    why: &'static str,
+) -> Either<L, LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>>
+where
+    B: 'static,
+{
+    let response = IdempotencyError::Misconfigured(why).error_response();
+    Either::Right(Box::pin(ready(Ok(req.into_response(response).map_into_right_body()))))
+}

@@ -1,0 +1,100 @@
+//! Turning responses into stored records and stored records back into responses.
+
+use actix_web::{
+    http::{
+        header::{HeaderMap, HeaderName, HeaderValue},
+        StatusCode,
+    },
+    HttpResponse,
+};
+use bytes::Bytes;
+
+use crate::{storage::StoredResponse, ReplayStatus};
+
+/// The header that marks a replayed response.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Headers that describe one transfer, not the response, and so are never stored.
+fn is_replayable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "date"
+            | REPLAYED_HEADER
+    )
+}
+
+/// The headers of a response as they are stored.
+pub(crate) fn replayable_headers(headers: &HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .filter(|(name, _)| is_replayable(name))
+        .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+        .collect()
+}
+
+/// A fresh response built from an immutable stored snapshot.
+pub(crate) fn replay_response(stored: &StoredResponse, status: ReplayStatus) -> HttpResponse {
+    let status = match status {
+        ReplayStatus::Original => {
+            StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+        ReplayStatus::Fixed(status) => status,
+    };
+    let mut response = HttpResponse::build(status);
+    for (name, value) in &stored.headers {
+        let name = HeaderName::from_bytes(name.as_bytes());
+        let value = HeaderValue::from_maybe_shared(value.clone());
+        if let (Ok(name), Ok(value)) = (name, value) {
+            response.append_header((name, value));
+        }
+    }
+    response.insert_header((
+        HeaderName::from_static(REPLAYED_HEADER),
+        HeaderValue::from_static("true"),
+    ));
+    response.body(stored.body.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::header;
+
+    use super::*;
+
+    #[test]
+    fn stored_headers_drop_transfer_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        headers.insert(header::DATE, HeaderValue::from_static("Sun, 22 Nov 2026 00:00:00 GMT"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        let names: Vec<_> = replayable_headers(&headers).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.iter().filter(|n| *n == "set-cookie").count(), 2);
+        assert!(names.contains(&"content-type".to_owned()));
+        assert!(!names.iter().any(|n| n == "content-length" || n == "date" || n == "connection"));
+    }
+
+    #[test]
+    fn replay_carries_marker_and_fixed_status() {
+        let stored = StoredResponse::new(201, vec![], Bytes::from_static(b"{}"));
+        let original = replay_response(&stored, ReplayStatus::Original);
+        assert_eq!(original.status(), StatusCode::CREATED);
+        assert_eq!(
+            original.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        let fixed = replay_response(&stored, ReplayStatus::Fixed(StatusCode::CONFLICT));
+        assert_eq!(fixed.status(), StatusCode::CONFLICT);
+    }
+}

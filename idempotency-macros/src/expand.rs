@@ -1,0 +1,133 @@
+//! Expansion: add the route's policy to the actix-web route attribute below.
+
+use proc_macro2::TokenStream;
+use quote::{quote, ToTokens};
+use syn::{Attribute, ItemFn, LitStr, Meta};
+
+use crate::args::{self, MarkerArgs};
+
+/// Which attribute is being expanded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marker {
+    Idempotent,
+    Exempt,
+    Manual,
+}
+
+impl Marker {
+    fn attribute(self) -> &'static str {
+        match self {
+            Self::Idempotent => "idempotent",
+            Self::Exempt => "idempotency_exempt",
+            Self::Manual => "idempotency_manual",
+        }
+    }
+
+    fn from_attribute(attr: &Attribute) -> Option<Self> {
+        match last_segment(attr)?.as_str() {
+            "idempotent" => Some(Self::Idempotent),
+            "idempotency_exempt" => Some(Self::Exempt),
+            "idempotency_manual" => Some(Self::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// The actix-web attributes that register a single route and accept `wrap = ".."`.
+const ROUTE_ATTRIBUTES: &[&str] = &[
+    "route", "get", "post", "put", "patch", "delete", "head", "options", "trace", "connect",
+];
+
+fn last_segment(attr: &Attribute) -> Option<String> {
+    attr.path().segments.last().map(|segment| segment.ident.to_string())
+}
+
+pub(crate) fn expand(marker: Marker, args: TokenStream, item: TokenStream) -> TokenStream {
+    match try_expand(marker, args, item.clone()) {
+        Ok(expanded) => expanded,
+        // Keep the item so that rust-analyzer and later errors still see the handler.
+        Err(error) => {
+            let error = error.to_compile_error();
+            quote! { #error #item }
+        }
+    }
+}
+
+fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let args = args::parse(marker, args)?;
+    let mut function: ItemFn = syn::parse2(item)?;
+
+    if let Some(other) = function.attrs.iter().find(|attr| Marker::from_attribute(attr).is_some()) {
+        let message = match Marker::from_attribute(other) {
+            Some(same) if same == marker => format!("`#[{}]` is given twice", marker.attribute()),
+            _ => format!(
+                "`#[{}]` conflicts with this attribute: a handler takes one of `#[idempotent]`, \
+                 `#[idempotency_exempt]` and `#[idempotency_manual]`",
+                marker.attribute()
+            ),
+        };
+        return Err(syn::Error::new_spanned(other, message));
+    }
+
+    if let Some(routes) = function
+        .attrs
+        .iter()
+        .find(|attr| last_segment(attr).as_deref() == Some("routes"))
+    {
+        return Err(syn::Error::new_spanned(
+            routes,
+            format!(
+                "`#[{}]` does not support `#[routes]`; register the routes by hand and wrap them \
+                 with `idempotency_actix::IdempotencyPolicy`",
+                marker.attribute()
+            ),
+        ));
+    }
+
+    let Some(route) = function.attrs.iter_mut().find(|attr| {
+        last_segment(attr).is_some_and(|name| ROUTE_ATTRIBUTES.contains(&name.as_str()))
+    }) else {
+        return Err(syn::Error::new_spanned(
+            &function.sig.ident,
+            format!(
+                "`#[{0}]` must be placed above an actix-web route attribute, like\n\
+                 #[{0}]\n#[post(\"/orders\")]\nasync fn {1}(..)\n\
+                 Below the route attribute it cannot reach the route. For routes registered by \
+                 hand, wrap them with `idempotency_actix::IdempotencyPolicy` instead.",
+                marker.attribute(),
+                function.sig.ident
+            ),
+        ));
+    };
+
+    let Meta::List(list) = &mut route.meta else {
+        return Err(syn::Error::new_spanned(
+            &route,
+            "the route attribute needs its path, like `#[post(\"/orders\")]`",
+        ));
+    };
+    let policy = LitStr::new(&policy_expression(marker, &args), list.delimiter.span().join());
+    let tokens = &list.tokens;
+    let separator = match tokens.clone().into_iter().last() {
+        Some(proc_macro2::TokenTree::Punct(punct)) if punct.as_char() == ',' => quote! {},
+        _ => quote! { , },
+    };
+    list.tokens = quote! { #tokens #separator wrap = #policy };
+    Ok(function.into_token_stream())
+}
+
+/// The Rust expression, as text, that builds the route's policy.
+fn policy_expression(marker: Marker, args: &MarkerArgs) -> String {
+    let constructor = match (marker, args.optional) {
+        (Marker::Idempotent, false) => "required",
+        (Marker::Idempotent, true) => "optional",
+        (Marker::Exempt, _) => "exempt",
+        (Marker::Manual, _) => "manual",
+    };
+    let mut expression =
+        format!("::idempotency_actix::__private::IdempotencyPolicy::{constructor}()");
+    if let Some(store) = &args.store {
+        expression.push_str(&format!(".store({:?})", store.value()));
+    }
+    expression
+}

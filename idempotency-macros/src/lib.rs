@@ -1,0 +1,97 @@
+//! Handler attributes for [idempotency-actix](https://docs.rs/idempotency-actix).
+//!
+//! Use them through `idempotency_actix`, which re-exports them; this crate is an
+//! implementation detail. Each attribute goes **above** an actix-web route attribute
+//! (`#[post(..)]`, `#[put(..)]`, `#[patch(..)]`, `#[delete(..)]`, `#[route(..)]`, ...) and adds
+//! the route's policy to it as a `wrap = ".."` argument, so the policy is known during routing,
+//! before the handler runs.
+
+use proc_macro::TokenStream;
+
+mod args;
+mod expand;
+
+use expand::Marker;
+
+/// Makes a handler idempotent: a key is required, the handler runs once per key and its
+/// response is replayed to retries.
+///
+/// # Syntax
+/// ```text
+/// #[idempotent]
+/// #[idempotent(optional)]
+/// #[idempotent(store = "name")]
+/// #[idempotent(optional, store = "name")]
+/// ```
+/// `optional`: a request without a key runs the handler and nothing is stored.
+/// `store`: use the store registered under that name on the middleware.
+///
+/// # Examples
+/// ```no_run
+/// use actix_web::{post, HttpResponse};
+/// use idempotency_actix::idempotent;
+///
+/// #[idempotent]
+/// #[post("/orders")]
+/// async fn create_order() -> HttpResponse {
+///     HttpResponse::Created().finish()
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::expand(Marker::Idempotent, args.into(), item.into()).into()
+}
+
+/// Exempts a handler: it runs every time, key or not, and nothing is stored. In enforce mode
+/// this is how a route opts out of the key requirement.
+///
+/// # Syntax
+/// ```text
+/// #[idempotency_exempt]
+/// ```
+///
+/// # Examples
+/// ```no_run
+/// use actix_web::{post, HttpResponse};
+/// use idempotency_actix::idempotency_exempt;
+///
+/// #[idempotency_exempt]
+/// #[post("/ping")]
+/// async fn ping() -> HttpResponse {
+///     HttpResponse::Ok().finish()
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn idempotency_exempt(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::expand(Marker::Exempt, args.into(), item.into()).into()
+}
+
+/// Leaves the decision to the handler: a key is required, the handler always runs and reads
+/// whether the key was seen before (and the stored response) through the
+/// `ManualIdempotency` extractor. The first storable response under a new key is stored.
+///
+/// # Syntax
+/// ```text
+/// #[idempotency_manual]
+/// #[idempotency_manual(store = "name")]
+/// ```
+///
+/// # Examples
+/// ```no_run
+/// use actix_web::{post, HttpResponse};
+/// use idempotency_actix::{idempotency_manual, ManualIdempotency};
+///
+/// #[idempotency_manual]
+/// #[post("/refunds")]
+/// async fn refund(idempotency: ManualIdempotency) -> HttpResponse {
+///     if idempotency.key_exists() {
+///         HttpResponse::Ok().body("refund already issued")
+///     } else {
+///         HttpResponse::Created().body("refund issued")
+///     }
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn idempotency_manual(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::expand(Marker::Manual, args.into(), item.into()).into()
+}
