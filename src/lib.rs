@@ -1,1 +1,162 @@
-//! placeholder
+//! Support for the workspace's integration tests and benchmark: a real server on a free port,
+//! and a handler-run counter. Not published.
+
+use std::{
+    fmt,
+    net::{SocketAddr, TcpListener},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+};
+
+use actix_web::{
+    body::MessageBody,
+    dev::{ServerHandle, ServiceFactory, ServiceRequest, ServiceResponse},
+    rt::System,
+    App, HttpServer,
+};
+
+/// Counts how many times handlers ran, shared by every worker of a server.
+#[derive(Debug, Clone, Default)]
+pub struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    /// Records one run and returns the number of runs so far, this one included.
+    pub fn record(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// How many runs were recorded.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// An actix-web server on 127.0.0.1 with an OS-chosen port, running on its own thread with
+/// `workers` workers. Dropping it stops the server and joins the thread.
+pub struct TestServer {
+    address: SocketAddr,
+    handle: ServerHandle,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestServer").field("address", &self.address).finish()
+    }
+}
+
+impl TestServer {
+    /// Starts a server whose apps come from `factory`, as with `HttpServer::new`.
+    pub fn start<F, T, B>(workers: usize, factory: F) -> std::io::Result<Self>
+    where
+        F: Fn() -> App<T> + Send + Clone + 'static,
+        T: ServiceFactory<
+                ServiceRequest,
+                Config = (),
+                Response = ServiceResponse<B>,
+                Error = actix_web::Error,
+                InitError = (),
+            > + 'static,
+        B: MessageBody + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        let (sender, receiver) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            System::new().block_on(async move {
+                let server = HttpServer::new(factory)
+                    .workers(workers)
+                    .disable_signals()
+                    .shutdown_timeout(1)
+                    .listen(listener)?
+                    .run();
+                let _ = sender.send(server.handle());
+                server.await
+            })
+        });
+        let handle = receiver
+            .recv()
+            .map_err(|_| std::io::Error::other("the test server failed to start"))?;
+        Ok(Self {
+            address,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// The URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// The address the server listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // `stop` sends its command at once; the returned future only waits for completion.
+        drop(self.handle.stop(false));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a client receives for `request`: the app's response, or the response an error from the
+/// app renders as (the way the HTTP server would send it).
+pub async fn respond<S, B>(app: &S, request: actix_http::Request) -> Received
+where
+    S: actix_web::dev::Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    let response = match app.call(request).await {
+        Ok(response) => response.map_into_boxed_body().into_parts().1,
+        Err(error) => error.error_response(),
+    };
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = actix_web::body::to_bytes(response.into_body()).await.unwrap_or_default();
+    Received { status, headers, body }
+}
+
+/// A response as a client sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The status.
+    pub status: actix_web::http::StatusCode,
+    /// The headers.
+    pub headers: actix_web::http::header::HeaderMap,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl Received {
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Whether the response is marked as a replay.
+    pub fn is_replay(&self) -> bool {
+        self.header(idempotency_actix::REPLAYED_HEADER) == Some("true")
+    }
+
+    /// The body parsed as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The `type` of a problem+json body, if it is one.
+    pub fn problem_type(&self) -> Option<String> {
+        if self.header("content-type") != Some("application/problem+json") {
+            return None;
+        }
+        self.json()["type"].as_str().map(str::to_owned)
+    }
+}

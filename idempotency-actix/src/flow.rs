@@ -1,6 +1,7 @@
 //! The idempotency flow for one keyed request: reserve, replay or refuse; then store.
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -190,8 +191,32 @@ impl PendingRecord {
         }
     }
 
+    /// Runs the handler to completion in its own task, then stores its response (when its
+    /// status is storable) or frees the key.
+    ///
+    /// The task outlives the request: a client that disconnects mid-way does not cancel the
+    /// handler, so its retry gets the replay instead of a second, possibly half-done, run.
+    pub(crate) async fn run_to_completion<F, B>(
+        self,
+        handler: F,
+    ) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    where
+        F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
+        B: MessageBody + 'static,
+    {
+        let task = actix_web::rt::spawn(async move { self.finish(handler.await).await });
+        match task.await {
+            Ok(result) => result,
+            Err(error) => {
+                // The handler panicked; unwinding dropped the reservation, which frees the key.
+                log::error!("idempotency: the handler of a keyed request panicked: {error}");
+                Err(actix_web::error::ErrorInternalServerError("the handler panicked"))
+            }
+        }
+    }
+
     /// Stores the handler's response (when its status is storable) or frees the key.
-    pub(crate) async fn finish<B>(
+    async fn finish<B>(
         mut self,
         result: Result<ServiceResponse<B>, Error>,
     ) -> Result<ServiceResponse<EitherBody<B>>, Error>

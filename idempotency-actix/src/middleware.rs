@@ -234,10 +234,9 @@ where
                         Start::Proceed { payload, pending, .. } => {
                             // The receiver only goes away with the routed request itself.
                             let _ = feed.send(payload);
-                            let result = routed.await;
                             match pending {
-                                Some(pending) => pending.finish(result).await,
-                                None => result.map(ServiceResponse::map_into_left_body),
+                                Some(pending) => pending.run_to_completion(routed).await,
+                                None => routed.await.map(ServiceResponse::map_into_left_body),
                             }
                         }
                     }

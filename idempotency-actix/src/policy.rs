@@ -220,10 +220,10 @@ where
                     if let Some(manual) = manual {
                         req.extensions_mut().insert(manual);
                     }
-                    let result = service.call(req).await;
+                    let result = service.call(req);
                     match pending {
-                        Some(pending) => pending.finish(result).await,
-                        None => result.map(ServiceResponse::map_into_left_body),
+                        Some(pending) => pending.run_to_completion(result).await,
+                        None => result.await.map(ServiceResponse::map_into_left_body),
                     }
                 }
             }
