@@ -1,0 +1,196 @@
+//! Exactly-once under real concurrency, against a real server with several workers.
+
+use std::{sync::Arc, time::Duration};
+
+use actix_web::{http::StatusCode, post, web, App, HttpResponse};
+use futures_util::future::join_all;
+use idempotency_actix::{
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore, REPLAYED_HEADER,
+};
+use idempotency_actix_workspace::{Runs, TestServer};
+use tokio::sync::Barrier;
+
+const DUPLICATES: usize = 48;
+
+#[idempotent]
+#[post("/slow")]
+async fn slow(runs: web::Data<Runs>, body: web::Bytes) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+    HttpResponse::Created().body(format!("run {run} of {}", String::from_utf8_lossy(&body)))
+}
+
+#[idempotent]
+#[post("/rendezvous")]
+async fn rendezvous(barrier: web::Data<Arc<Barrier>>, runs: web::Data<Runs>) -> HttpResponse {
+    runs.record();
+    barrier.wait().await;
+    HttpResponse::Created().finish()
+}
+
+fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, barrier: Arc<Barrier>) -> TestServer {
+    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
+    let runs = runs.clone();
+    TestServer::start(2, move || {
+        App::new()
+            .wrap(middleware.clone())
+            .app_data(web::Data::new(runs.clone()))
+            .app_data(web::Data::new(Arc::clone(&barrier)))
+            .service(slow)
+            .service(rendezvous)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    retry_after: Option<String>,
+    body: String,
+}
+
+async fn post(client: &reqwest::Client, url: &str, key: &str, body: &'static str) -> Answer {
+    let response = client
+        .post(url)
+        .header("Idempotency-Key", key)
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"));
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::IM_A_TEAPOT);
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
+    let retry_after = header("retry-after");
+    let body = response.text().await.unwrap_or_default();
+    Answer { status, replayed, retry_after, body }
+}
+
+/// Sends `DUPLICATES` requests with one key at once, each on its own connection.
+async fn stampede(url: String, key: &'static str) -> Vec<Answer> {
+    let start = Arc::new(Barrier::new(DUPLICATES));
+    let tasks = (0..DUPLICATES).map(|_| {
+        let url = url.clone();
+        let start = Arc::clone(&start);
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap_or_else(|e| panic!("client: {e}"));
+            start.wait().await;
+            post(&client, &url, key, "payload").await
+        })
+    });
+    join_all(tasks).await.into_iter().map(|joined| joined.unwrap_or_else(|e| panic!("{e}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_duplicates_that_wait_all_get_the_one_response() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default()).lock_timeout(Duration::from_secs(10));
+    let server = server(builder, &runs, Arc::new(Barrier::new(1)));
+
+    let answers = stampede(server.url("/slow"), "same").await;
+
+    assert_eq!(runs.count(), 1, "the handler must run exactly once");
+    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED), "{answers:?}");
+    assert!(answers.iter().all(|a| a.body == "run 1 of payload"), "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1, "one first response, the rest replays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default()).lock_timeout(Duration::from_millis(20));
+    let server = server(builder, &runs, Arc::new(Barrier::new(1)));
+
+    let answers = stampede(server.url("/slow"), "same").await;
+
+    assert_eq!(runs.count(), 1, "the handler must run exactly once");
+    let created: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::CREATED && !a.replayed).collect();
+    let conflicts: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::CONFLICT).collect();
+    assert_eq!(created.len(), 1, "{answers:?}");
+    assert!(!conflicts.is_empty(), "{answers:?}");
+    assert!(conflicts.iter().all(|a| a.retry_after.is_some() && a.body.contains("#in-flight")), "{conflicts:?}");
+    assert_eq!(created.len() + conflicts.len() + answers.iter().filter(|a| a.replayed).count(), DUPLICATES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_timeout_status_can_be_423_locked() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .lock_enabled(false)
+        .lock_timeout_status(InFlightStatus::Locked);
+    let server = server(builder, &runs, Arc::new(Barrier::new(1)));
+
+    let answers = stampede(server.url("/slow"), "same").await;
+
+    assert_eq!(runs.count(), 1);
+    let locked: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::LOCKED).collect();
+    assert!(!locked.is_empty(), "{answers:?}");
+    assert!(locked.iter().all(|a| a.body.contains("#locked")), "{locked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_with_different_keys_run_concurrently() {
+    const PARALLEL: usize = 8;
+    let runs = Runs::default();
+    // Every handler waits until all of them are inside: that only happens if the middleware
+    // lets unrelated keys run at the same time. Serialised, they would wait forever.
+    let barrier = Arc::new(Barrier::new(PARALLEL));
+    let server = server(IdempotencyMiddleware::builder(MemoryStore::default()), &runs, barrier);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"));
+    let keys: Vec<String> = (0..PARALLEL).map(|i| format!("key-{i}")).collect();
+    let url = server.url("/rendezvous");
+    let answers = join_all(keys.iter().map(|key| post(&client, &url, key, ""))).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED), "{answers:?}");
+    assert_eq!(runs.count(), PARALLEL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
+    let runs = Runs::default();
+    let server = server(IdempotencyMiddleware::builder(MemoryStore::default()), &runs, Arc::new(Barrier::new(1)));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"));
+    let gave_up = impatient.post(server.url("/slow")).header("Idempotency-Key", "k").body("x").send().await;
+    assert!(gave_up.is_err(), "the first attempt must time out");
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = post(&reqwest::Client::new(), &server.url("/slow"), "k", "x").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed, "the handler finished despite the disconnect: {retry:?}");
+    assert_eq!(retry.body, "run 1 of x");
+    assert_eq!(runs.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_that_never_completes_frees_its_key_after_the_lease() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .reservation_lease(Duration::from_millis(100))
+        .lock_enabled(false);
+    let server = server(builder, &runs, Arc::new(Barrier::new(1)));
+    let client = reqwest::Client::new();
+    // The first request holds the key past its 100 ms lease (the handler takes 300 ms).
+    let url = server.url("/slow");
+    let first = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move { post(&client, &url, "k", "x").await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let during = post(&client, &url, "k", "x").await;
+    assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after_lease = post(&client, &url, "k", "x").await;
+    assert_eq!(after_lease.status, StatusCode::CREATED);
+    assert!(!after_lease.replayed, "the expired reservation must not wedge the key");
+    assert_eq!(runs.count(), 2);
+    let _ = first.await;
+}
