@@ -87,8 +87,9 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
     let Some(route) = function.attrs.iter_mut().find(|attr| {
         last_segment(attr).is_some_and(|name| ROUTE_ATTRIBUTES.contains(&name.as_str()))
     }) else {
-        return Err(syn::Error::new_spanned(
-            &function.sig.ident,
+        // The call site is the attribute itself: the offending, misplaced token.
+        return Err(syn::Error::new(
+            proc_macro2::Span::call_site(),
             format!(
                 "`#[{0}]` must be placed above an actix-web route attribute, like\n\
                  #[{0}]\n#[post(\"/orders\")]\nasync fn {1}(..)\n\

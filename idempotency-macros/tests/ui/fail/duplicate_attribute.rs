@@ -1,0 +1,11 @@
+use actix_web::{post, HttpResponse};
+use idempotency_actix::idempotent;
+
+#[idempotent]
+#[idempotent]
+#[post("/orders")]
+async fn create_order() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+fn main() {}
