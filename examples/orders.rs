@@ -11,8 +11,7 @@ use std::{
 };
 
 use actix_web::{
-    get, http::header::ContentType, middleware::Logger, post, web, App, HttpResponse,
-    HttpServer,
+    get, http::header::ContentType, middleware::Logger, post, web, App, HttpResponse, HttpServer,
 };
 use idempotency_actix::{
     idempotency_exempt, idempotency_manual, idempotent, IdempotencyMiddleware, ManualIdempotency,
@@ -74,7 +73,10 @@ async fn create_order_manually(
 
 #[idempotent]
 #[post("/orders/slow")]
-async fn create_order_slowly(orders: web::Data<Orders>, order: web::Json<NewOrder>) -> HttpResponse {
+async fn create_order_slowly(
+    orders: web::Data<Orders>,
+    order: web::Json<NewOrder>,
+) -> HttpResponse {
     actix_web::rt::time::sleep(Duration::from_millis(300)).await;
     orders.create(&order.item)
 }

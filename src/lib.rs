@@ -44,7 +44,9 @@ pub struct TestServer {
 
 impl fmt::Debug for TestServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TestServer").field("address", &self.address).finish()
+        f.debug_struct("TestServer")
+            .field("address", &self.address)
+            .finish()
     }
 }
 
@@ -112,7 +114,11 @@ impl Drop for TestServer {
 /// app renders as (the way the HTTP server would send it).
 pub async fn respond<S, B>(app: &S, request: actix_http::Request) -> Received
 where
-    S: actix_web::dev::Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: actix_web::dev::Service<
+        actix_http::Request,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
     B: MessageBody + 'static,
 {
     let response = match app.call(request).await {
@@ -121,8 +127,14 @@ where
     };
     let status = response.status();
     let headers = response.headers().clone();
-    let body = actix_web::body::to_bytes(response.into_body()).await.unwrap_or_default();
-    Received { status, headers, body }
+    let body = actix_web::body::to_bytes(response.into_body())
+        .await
+        .unwrap_or_default();
+    Received {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// A response as a client sees it.

@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 use actix_web::{http::StatusCode, post, web, App, HttpResponse};
 use futures_util::future::join_all;
 use idempotency_actix::{
-    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore, REPLAYED_HEADER,
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore,
+    REPLAYED_HEADER,
 };
 use idempotency_actix_workspace::{Runs, TestServer};
 use tokio::sync::Barrier;
@@ -58,12 +59,24 @@ async fn post(client: &reqwest::Client, url: &str, key: &str, body: &'static str
         .send()
         .await
         .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::IM_A_TEAPOT);
-    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::IM_A_TEAPOT);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
     let retry_after = header("retry-after");
     let body = response.text().await.unwrap_or_default();
-    Answer { status, replayed, retry_after, body }
+    Answer {
+        status,
+        replayed,
+        retry_after,
+        body,
+    }
 }
 
 /// Sends `DUPLICATES` requests with one key at once, each on its own connection.
@@ -81,38 +94,68 @@ async fn stampede(url: String, key: &'static str) -> Vec<Answer> {
             post(&client, &url, key, "payload").await
         })
     });
-    join_all(tasks).await.into_iter().map(|joined| joined.unwrap_or_else(|e| panic!("{e}"))).collect()
+    join_all(tasks)
+        .await
+        .into_iter()
+        .map(|joined| joined.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_duplicates_that_wait_all_get_the_one_response() {
     let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default()).lock_timeout(Duration::from_secs(10));
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .lock_timeout(Duration::from_secs(10));
     let server = server(builder, &runs, Arc::new(Barrier::new(1)));
 
     let answers = stampede(server.url("/slow"), "same").await;
 
     assert_eq!(runs.count(), 1, "the handler must run exactly once");
-    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED), "{answers:?}");
-    assert!(answers.iter().all(|a| a.body == "run 1 of payload"), "{answers:?}");
-    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1, "one first response, the rest replays");
+    assert!(
+        answers.iter().all(|a| a.status == StatusCode::CREATED),
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().all(|a| a.body == "run 1 of payload"),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|a| !a.replayed).count(),
+        1,
+        "one first response, the rest replays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() {
     let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default()).lock_timeout(Duration::from_millis(20));
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .lock_timeout(Duration::from_millis(20));
     let server = server(builder, &runs, Arc::new(Barrier::new(1)));
 
     let answers = stampede(server.url("/slow"), "same").await;
 
     assert_eq!(runs.count(), 1, "the handler must run exactly once");
-    let created: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::CREATED && !a.replayed).collect();
-    let conflicts: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::CONFLICT).collect();
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED && !a.replayed)
+        .collect();
+    let conflicts: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .collect();
     assert_eq!(created.len(), 1, "{answers:?}");
     assert!(!conflicts.is_empty(), "{answers:?}");
-    assert!(conflicts.iter().all(|a| a.retry_after.is_some() && a.body.contains("#in-flight")), "{conflicts:?}");
-    assert_eq!(created.len() + conflicts.len() + answers.iter().filter(|a| a.replayed).count(), DUPLICATES);
+    assert!(
+        conflicts
+            .iter()
+            .all(|a| a.retry_after.is_some() && a.body.contains("#in-flight")),
+        "{conflicts:?}"
+    );
+    assert_eq!(
+        created.len() + conflicts.len() + answers.iter().filter(|a| a.replayed).count(),
+        DUPLICATES
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -126,9 +169,15 @@ async fn lock_timeout_status_can_be_423_locked() {
     let answers = stampede(server.url("/slow"), "same").await;
 
     assert_eq!(runs.count(), 1);
-    let locked: Vec<_> = answers.iter().filter(|a| a.status == StatusCode::LOCKED).collect();
+    let locked: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::LOCKED)
+        .collect();
     assert!(!locked.is_empty(), "{answers:?}");
-    assert!(locked.iter().all(|a| a.body.contains("#locked")), "{locked:?}");
+    assert!(
+        locked.iter().all(|a| a.body.contains("#locked")),
+        "{locked:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -138,7 +187,11 @@ async fn requests_with_different_keys_run_concurrently() {
     // Every handler waits until all of them are inside: that only happens if the middleware
     // lets unrelated keys run at the same time. Serialised, they would wait forever.
     let barrier = Arc::new(Barrier::new(PARALLEL));
-    let server = server(IdempotencyMiddleware::builder(MemoryStore::default()), &runs, barrier);
+    let server = server(
+        IdempotencyMiddleware::builder(MemoryStore::default()),
+        &runs,
+        barrier,
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -146,25 +199,40 @@ async fn requests_with_different_keys_run_concurrently() {
     let keys: Vec<String> = (0..PARALLEL).map(|i| format!("key-{i}")).collect();
     let url = server.url("/rendezvous");
     let answers = join_all(keys.iter().map(|key| post(&client, &url, key, ""))).await;
-    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| a.status == StatusCode::CREATED),
+        "{answers:?}"
+    );
     assert_eq!(runs.count(), PARALLEL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
     let runs = Runs::default();
-    let server = server(IdempotencyMiddleware::builder(MemoryStore::default()), &runs, Arc::new(Barrier::new(1)));
+    let server = server(
+        IdempotencyMiddleware::builder(MemoryStore::default()),
+        &runs,
+        Arc::new(Barrier::new(1)),
+    );
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(50))
         .build()
         .unwrap_or_else(|e| panic!("client: {e}"));
-    let gave_up = impatient.post(server.url("/slow")).header("Idempotency-Key", "k").body("x").send().await;
+    let gave_up = impatient
+        .post(server.url("/slow"))
+        .header("Idempotency-Key", "k")
+        .body("x")
+        .send()
+        .await;
     assert!(gave_up.is_err(), "the first attempt must time out");
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     let retry = post(&reqwest::Client::new(), &server.url("/slow"), "k", "x").await;
     assert_eq!(retry.status, StatusCode::CREATED);
-    assert!(retry.replayed, "the handler finished despite the disconnect: {retry:?}");
+    assert!(
+        retry.replayed,
+        "the handler finished despite the disconnect: {retry:?}"
+    );
     assert_eq!(retry.body, "run 1 of x");
     assert_eq!(runs.count(), 1);
 }
@@ -190,7 +258,10 @@ async fn a_reservation_that_never_completes_frees_its_key_after_the_lease() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let after_lease = post(&client, &url, "k", "x").await;
     assert_eq!(after_lease.status, StatusCode::CREATED);
-    assert!(!after_lease.replayed, "the expired reservation must not wedge the key");
+    assert!(
+        !after_lease.replayed,
+        "the expired reservation must not wedge the key"
+    );
     assert_eq!(runs.count(), 2);
     let _ = first.await;
 }

@@ -1,17 +1,28 @@
 //! Key validation and header handling, seen from a client.
 
 use actix_web::{http::StatusCode, test, web, App, HttpResponse};
-use idempotency_actix::{IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyPolicy, MemoryStore};
+use idempotency_actix::{
+    IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyPolicy, MemoryStore,
+};
 use idempotency_actix_workspace::{respond, Received, Runs};
 
-async fn send(builder: IdempotencyMiddlewareBuilder, runs: &Runs, request: test::TestRequest) -> Received {
+async fn send(
+    builder: IdempotencyMiddlewareBuilder,
+    runs: &Runs,
+    request: test::TestRequest,
+) -> Received {
     let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
     let app = test::init_service(
-        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(
-            web::resource("/pay").wrap(IdempotencyPolicy::required()).route(web::post().to(
-                |runs: web::Data<Runs>| async move { HttpResponse::Created().body(runs.record().to_string()) },
-            )),
-        ),
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .service(
+                web::resource("/pay")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(|runs: web::Data<Runs>| async move {
+                        HttpResponse::Created().body(runs.record().to_string())
+                    })),
+            ),
     )
     .await;
     respond(&app, request.to_request()).await
@@ -28,9 +39,17 @@ fn pay() -> test::TestRequest {
 async fn assert_refused(request: test::TestRequest, slug: &str) {
     let runs = Runs::default();
     let received = send(builder(), &runs, request).await;
-    assert_eq!(received.status, StatusCode::BAD_REQUEST, "{:?}", received.body);
     assert_eq!(
-        received.problem_type().as_deref().and_then(|t| t.rsplit('#').next().map(str::to_owned)),
+        received.status,
+        StatusCode::BAD_REQUEST,
+        "{:?}",
+        received.body
+    );
+    assert_eq!(
+        received
+            .problem_type()
+            .as_deref()
+            .and_then(|t| t.rsplit('#').next().map(str::to_owned)),
         Some(slug.to_owned())
     );
     assert_eq!(runs.count(), 0, "the handler must not run");
@@ -44,23 +63,42 @@ async fn missing_key_is_refused_with_400_problem() {
 #[actix_rt::test]
 async fn empty_key_is_refused() {
     assert_refused(pay().insert_header(("Idempotency-Key", "")), "invalid-key").await;
-    assert_refused(pay().insert_header(("Idempotency-Key", "\"\"")), "invalid-key").await;
+    assert_refused(
+        pay().insert_header(("Idempotency-Key", "\"\"")),
+        "invalid-key",
+    )
+    .await;
 }
 
 #[actix_rt::test]
 async fn key_over_255_characters_is_refused_and_255_is_accepted() {
-    assert_refused(pay().insert_header(("Idempotency-Key", "k".repeat(256))), "invalid-key").await;
+    assert_refused(
+        pay().insert_header(("Idempotency-Key", "k".repeat(256))),
+        "invalid-key",
+    )
+    .await;
     let runs = Runs::default();
-    let accepted = send(builder(), &runs, pay().insert_header(("Idempotency-Key", "k".repeat(255)))).await;
+    let accepted = send(
+        builder(),
+        &runs,
+        pay().insert_header(("Idempotency-Key", "k".repeat(255))),
+    )
+    .await;
     assert_eq!(accepted.status, StatusCode::CREATED);
 }
 
 #[actix_rt::test]
 async fn control_and_non_ascii_characters_are_refused() {
-    let tab = actix_web::http::header::HeaderValue::from_bytes(b"a\tb").unwrap_or_else(|e| panic!("{e}"));
+    let tab =
+        actix_web::http::header::HeaderValue::from_bytes(b"a\tb").unwrap_or_else(|e| panic!("{e}"));
     assert_refused(pay().insert_header(("Idempotency-Key", tab)), "invalid-key").await;
-    let latin1 = actix_web::http::header::HeaderValue::from_bytes(b"caf\xe9").unwrap_or_else(|e| panic!("{e}"));
-    assert_refused(pay().insert_header(("Idempotency-Key", latin1)), "invalid-key").await;
+    let latin1 = actix_web::http::header::HeaderValue::from_bytes(b"caf\xe9")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_refused(
+        pay().insert_header(("Idempotency-Key", latin1)),
+        "invalid-key",
+    )
+    .await;
 }
 
 #[actix_rt::test]
@@ -73,7 +111,11 @@ async fn two_key_header_fields_are_refused() {
 
 #[actix_rt::test]
 async fn unterminated_structured_field_string_is_refused() {
-    assert_refused(pay().insert_header(("Idempotency-Key", "\"abc")), "invalid-key").await;
+    assert_refused(
+        pay().insert_header(("Idempotency-Key", "\"abc")),
+        "invalid-key",
+    )
+    .await;
 }
 
 #[actix_rt::test]
@@ -81,15 +123,30 @@ async fn quoted_and_bare_forms_name_the_same_operation() {
     let runs = Runs::default();
     let middleware = builder().build().unwrap_or_else(|e| panic!("config: {e}"));
     let app = test::init_service(
-        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(
-            web::resource("/pay").wrap(IdempotencyPolicy::required()).route(web::post().to(
-                |runs: web::Data<Runs>| async move { HttpResponse::Created().body(runs.record().to_string()) },
-            )),
-        ),
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .service(
+                web::resource("/pay")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(|runs: web::Data<Runs>| async move {
+                        HttpResponse::Created().body(runs.record().to_string())
+                    })),
+            ),
     )
     .await;
-    let bare = respond(&app, pay().insert_header(("Idempotency-Key", "abc")).to_request()).await;
-    let quoted = respond(&app, pay().insert_header(("Idempotency-Key", "\"abc\"")).to_request()).await;
+    let bare = respond(
+        &app,
+        pay().insert_header(("Idempotency-Key", "abc")).to_request(),
+    )
+    .await;
+    let quoted = respond(
+        &app,
+        pay()
+            .insert_header(("Idempotency-Key", "\"abc\""))
+            .to_request(),
+    )
+    .await;
     assert!(!bare.is_replay());
     assert!(quoted.is_replay());
     assert_eq!(quoted.body, bare.body);
@@ -109,5 +166,9 @@ async fn header_name_is_configurable_and_matched_case_insensitively() {
 
     let other = builder().header_name("X-Request-Token");
     let received = send(other, &runs, pay().insert_header(("Idempotency-Key", "k"))).await;
-    assert_eq!(received.status, StatusCode::BAD_REQUEST, "the default header is not read then");
+    assert_eq!(
+        received.status,
+        StatusCode::BAD_REQUEST,
+        "the default header is not read then"
+    );
 }

@@ -23,13 +23,18 @@ async fn ping(runs: web::Data<Runs>) -> HttpResponse {
 }
 
 /// An async middleware, like an authentication layer: it defers calling the next service.
-async fn authenticate(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, Error> {
+async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
     actix_web::rt::task::yield_now().await;
     next.call(req).await
 }
 
 fn keyed(path: &str, key: &str) -> test::TestRequest {
-    test::TestRequest::post().uri(path).insert_header(("Idempotency-Key", key.to_owned()))
+    test::TestRequest::post()
+        .uri(path)
+        .insert_header(("Idempotency-Key", key.to_owned()))
 }
 
 #[actix_rt::test]
@@ -53,9 +58,17 @@ async fn replays_pass_through_outer_logger_default_headers_and_async_middleware(
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(replay.is_replay());
     assert_eq!(missing.status, StatusCode::BAD_REQUEST);
-    assert_eq!(pinged.status, StatusCode::OK, "exempt routes need no key in enforce mode");
+    assert_eq!(
+        pinged.status,
+        StatusCode::OK,
+        "exempt routes need no key in enforce mode"
+    );
     for received in [&first, &replay, &missing, &pinged] {
-        assert_eq!(received.header("x-served-by"), Some("test"), "outer middleware must see every answer");
+        assert_eq!(
+            received.header("x-served-by"),
+            Some("test"),
+            "outer middleware must see every answer"
+        );
     }
     assert_eq!(runs.count(), 2);
 }
@@ -78,15 +91,29 @@ async fn an_async_middleware_between_idempotency_and_routes_is_reported_not_sile
         )
         .await;
         let received = respond(&app, keyed("/orders", "k").to_request()).await;
-        assert_eq!(received.status, StatusCode::INTERNAL_SERVER_ERROR, "{mode:?}");
+        assert_eq!(
+            received.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{mode:?}"
+        );
         assert!(
-            received.problem_type().is_some_and(|t| t.ends_with("#misconfigured")),
+            received
+                .problem_type()
+                .is_some_and(|t| t.ends_with("#misconfigured")),
             "{mode:?}: {:?}",
             received.body
         );
         let exempt_with_key = respond(&app, keyed("/ping", "p").to_request()).await;
-        assert_eq!(exempt_with_key.status, StatusCode::INTERNAL_SERVER_ERROR, "{mode:?}");
-        assert_eq!(runs.count(), 0, "{mode:?}: no handler may run under a misapplied policy");
+        assert_eq!(
+            exempt_with_key.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{mode:?}"
+        );
+        assert_eq!(
+            runs.count(),
+            0,
+            "{mode:?}: no handler may run under a misapplied policy"
+        );
     }
 }
 
@@ -116,6 +143,8 @@ async fn unannotated_route_answers_reach_the_client_whole_behind_outer_middlewar
     assert!(replay.is_replay());
     assert_eq!(replay.body, first.body);
     assert_eq!(missing.status, StatusCode::BAD_REQUEST);
-    assert!(missing.problem_type().is_some_and(|t| t.ends_with("#missing-key")));
+    assert!(missing
+        .problem_type()
+        .is_some_and(|t| t.ends_with("#missing-key")));
     assert_eq!(runs.count(), 1);
 }

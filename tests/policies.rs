@@ -5,9 +5,10 @@ use std::{future::Future, time::Duration};
 use actix_service::{IntoServiceFactory, ServiceFactory};
 use actix_web::{dev::AppConfig, http::StatusCode, post, test, web, App, HttpResponse};
 use idempotency_actix::{
-    idempotency_exempt, idempotency_manual, idempotent, storage::{Completion, CompletedRecord, Reservation, ReservationToken},
-    Fingerprint, IdempotencyMiddleware, IdempotencyPolicy, IdempotencyStore, ManualIdempotency, MemoryStore,
-    Mode, StoreError, StoreOutage,
+    idempotency_exempt, idempotency_manual, idempotent,
+    storage::{CompletedRecord, Completion, Reservation, ReservationToken},
+    Fingerprint, IdempotencyMiddleware, IdempotencyPolicy, IdempotencyStore, ManualIdempotency,
+    MemoryStore, Mode, StoreError, StoreOutage,
 };
 use idempotency_actix_workspace::{respond, Received, Runs};
 
@@ -37,7 +38,11 @@ async fn manual(runs: web::Data<Runs>, idempotency: ManualIdempotency) -> HttpRe
         format!(
             "{} {} {}",
             prior.status().as_u16(),
-            prior.headers().get("x-run").and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            prior
+                .headers()
+                .get("x-run")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             String::from_utf8_lossy(prior.body())
         )
     });
@@ -87,13 +92,17 @@ fn configure(runs: &Runs) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
             .route(
                 "/by-hand/exempt",
                 web::post()
-                    .to(|runs: web::Data<Runs>| async move { HttpResponse::Ok().body(runs.record().to_string()) })
+                    .to(|runs: web::Data<Runs>| async move {
+                        HttpResponse::Ok().body(runs.record().to_string())
+                    })
                     .wrap(IdempotencyPolicy::exempt()),
             )
             .route(
                 "/by-hand/optional",
                 web::post()
-                    .to(|runs: web::Data<Runs>| async move { HttpResponse::Ok().body(runs.record().to_string()) })
+                    .to(|runs: web::Data<Runs>| async move {
+                        HttpResponse::Ok().body(runs.record().to_string())
+                    })
                     .wrap(IdempotencyPolicy::optional()),
             );
     }
@@ -122,7 +131,9 @@ fn keyed(path: &str, key: &str) -> test::TestRequest {
 }
 
 fn slug(received: &Received) -> Option<String> {
-    received.problem_type().and_then(|t| t.rsplit('#').next().map(str::to_owned))
+    received
+        .problem_type()
+        .and_then(|t| t.rsplit('#').next().map(str::to_owned))
 }
 
 #[actix_rt::test]
@@ -131,7 +142,11 @@ async fn enforce_mode_requires_a_key_on_unannotated_handlers() {
     let got = exchange(
         Mode::Enforce,
         &runs,
-        vec![post_to("/plain"), keyed("/plain", "k"), keyed("/plain", "k")],
+        vec![
+            post_to("/plain"),
+            keyed("/plain", "k"),
+            keyed("/plain", "k"),
+        ],
     )
     .await;
     assert_eq!(got[0].status, StatusCode::BAD_REQUEST);
@@ -149,10 +164,18 @@ async fn exempt_handler_runs_every_time_with_or_without_a_key() {
         let got = exchange(
             mode,
             &runs,
-            vec![post_to("/exempt"), keyed("/exempt", "k"), keyed("/exempt", "k")],
+            vec![
+                post_to("/exempt"),
+                keyed("/exempt", "k"),
+                keyed("/exempt", "k"),
+            ],
         )
         .await;
-        assert!(got.iter().all(|r| r.status == StatusCode::OK && !r.is_replay()), "{mode:?}");
+        assert!(
+            got.iter()
+                .all(|r| r.status == StatusCode::OK && !r.is_replay()),
+            "{mode:?}"
+        );
         assert_eq!(runs.count(), 3, "{mode:?}");
     }
 }
@@ -164,7 +187,11 @@ async fn idempotent_handler_requires_a_key_in_both_modes() {
         let got = exchange(
             mode,
             &runs,
-            vec![post_to("/required"), keyed("/required", "k"), keyed("/required", "k")],
+            vec![
+                post_to("/required"),
+                keyed("/required", "k"),
+                keyed("/required", "k"),
+            ],
         )
         .await;
         assert_eq!(got[0].status, StatusCode::BAD_REQUEST, "{mode:?}");
@@ -199,8 +226,19 @@ async fn optional_handler_runs_every_time_without_a_key_and_once_with_one() {
 #[actix_rt::test]
 async fn exempt_mode_leaves_unannotated_handlers_alone() {
     let runs = Runs::default();
-    let got = exchange(Mode::Exempt, &runs, vec![post_to("/plain"), keyed("/plain", "k"), keyed("/plain", "k")]).await;
-    assert!(got.iter().all(|r| r.status == StatusCode::CREATED && !r.is_replay()));
+    let got = exchange(
+        Mode::Exempt,
+        &runs,
+        vec![
+            post_to("/plain"),
+            keyed("/plain", "k"),
+            keyed("/plain", "k"),
+        ],
+    )
+    .await;
+    assert!(got
+        .iter()
+        .all(|r| r.status == StatusCode::CREATED && !r.is_replay()));
     assert_eq!(runs.count(), 3);
 }
 
@@ -210,15 +248,30 @@ async fn manual_handler_sees_whether_the_key_exists_and_the_prior_response() {
     let got = exchange(
         Mode::Exempt,
         &runs,
-        vec![post_to("/manual"), keyed("/manual", "m"), keyed("/manual", "m"), keyed("/manual", "m")],
+        vec![
+            post_to("/manual"),
+            keyed("/manual", "m"),
+            keyed("/manual", "m"),
+            keyed("/manual", "m"),
+        ],
     )
     .await;
-    assert_eq!(got[0].status, StatusCode::BAD_REQUEST, "manual mode requires a key");
+    assert_eq!(
+        got[0].status,
+        StatusCode::BAD_REQUEST,
+        "manual mode requires a key"
+    );
     assert_eq!(got[1].body, "run=1 key=m exists=false prior=none");
-    assert_eq!(got[2].body, "run=2 key=m exists=true prior=201 1 run=1 key=m exists=false prior=none");
+    assert_eq!(
+        got[2].body,
+        "run=2 key=m exists=true prior=201 1 run=1 key=m exists=false prior=none"
+    );
     assert!(!got[2].is_replay(), "the manual handler answers itself");
     // The second run's response did not overwrite the first one.
-    assert_eq!(got[3].body, "run=3 key=m exists=true prior=201 1 run=1 key=m exists=false prior=none");
+    assert_eq!(
+        got[3].body,
+        "run=3 key=m exists=true prior=201 1 run=1 key=m exists=false prior=none"
+    );
     assert_eq!(runs.count(), 3);
 }
 
@@ -241,7 +294,11 @@ async fn hand_registered_routes_take_the_same_policies() {
     .await;
     assert_eq!(got[0].status, StatusCode::BAD_REQUEST);
     assert!(got[2].is_replay());
-    assert_eq!(got[3].status, StatusCode::OK, "exempt in enforce mode needs no key");
+    assert_eq!(
+        got[3].status,
+        StatusCode::OK,
+        "exempt in enforce mode needs no key"
+    );
     assert_eq!(got[4].status, StatusCode::OK);
     assert!(!got[5].is_replay() && got[6].is_replay());
     assert_eq!(runs.count(), 4);
@@ -260,7 +317,12 @@ async fn a_policy_without_the_middleware_is_a_500_problem_not_a_silent_pass() {
 #[actix_rt::test]
 async fn manual_extractor_outside_a_manual_handler_is_a_typed_error() {
     let runs = Runs::default();
-    let got = exchange(Mode::Exempt, &runs, vec![keyed("/plain-manual-extractor", "k")]).await;
+    let got = exchange(
+        Mode::Exempt,
+        &runs,
+        vec![keyed("/plain-manual-extractor", "k")],
+    )
+    .await;
     assert_eq!(got[0].status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(slug(&got[0]).as_deref(), Some("misconfigured"));
 }
@@ -274,10 +336,18 @@ async fn a_handler_can_use_a_named_store() {
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
     let app = test::init_service(
-        App::new().wrap(first).app_data(web::Data::new(runs.clone())).service(payments),
+        App::new()
+            .wrap(first)
+            .app_data(web::Data::new(runs.clone()))
+            .service(payments),
     )
     .await;
-    assert_eq!(respond(&app, keyed("/payments", "p").to_request()).await.status, StatusCode::CREATED);
+    assert_eq!(
+        respond(&app, keyed("/payments", "p").to_request())
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 
     // Another app whose *default* store is the same one sees the record.
     let second = IdempotencyMiddleware::builder(payments_store)
@@ -285,9 +355,14 @@ async fn a_handler_can_use_a_named_store() {
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
     let other = test::init_service(
-        App::new().wrap(second).app_data(web::Data::new(runs.clone())).service(
-            web::resource("/payments").wrap(IdempotencyPolicy::required()).route(web::post().to(HttpResponse::Gone)),
-        ),
+        App::new()
+            .wrap(second)
+            .app_data(web::Data::new(runs.clone()))
+            .service(
+                web::resource("/payments")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(HttpResponse::Gone)),
+            ),
     )
     .await;
     let replay = respond(&other, keyed("/payments", "p").to_request()).await;
@@ -316,7 +391,12 @@ fn down() -> StoreError {
 }
 
 impl IdempotencyStore for DownStore {
-    fn reserve(&self, _: &str, _: Fingerprint, _: Duration) -> impl Future<Output = Result<Reservation, StoreError>> {
+    fn reserve(
+        &self,
+        _: &str,
+        _: Fingerprint,
+        _: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> {
         std::future::ready(Err(down()))
     }
 
@@ -330,7 +410,11 @@ impl IdempotencyStore for DownStore {
         std::future::ready(Err(down()))
     }
 
-    fn release(&self, _: &str, _: ReservationToken) -> impl Future<Output = Result<(), StoreError>> {
+    fn release(
+        &self,
+        _: &str,
+        _: ReservationToken,
+    ) -> impl Future<Output = Result<(), StoreError>> {
         std::future::ready(Err(down()))
     }
 }
@@ -339,7 +423,9 @@ impl IdempotencyStore for DownStore {
 async fn store_outage_fails_closed_with_503_by_default_and_open_when_configured() {
     let runs = Runs::default();
     let closed = test::init_service(
-        App::new().wrap(IdempotencyMiddleware::new(DownStore)).configure(configure(&runs)),
+        App::new()
+            .wrap(IdempotencyMiddleware::new(DownStore))
+            .configure(configure(&runs)),
     )
     .await;
     let refused = respond(&closed, keyed("/required", "k").to_request()).await;
@@ -365,14 +451,16 @@ async fn a_panicking_handler_frees_its_key() {
         App::new()
             .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
             .app_data(web::Data::new(runs.clone()))
-            .service(web::resource("/explode").wrap(IdempotencyPolicy::required()).route(web::post().to(
-                |runs: web::Data<Runs>| async move {
-                    if runs.record() == 1 {
-                        panic!("the first run blows up");
-                    }
-                    HttpResponse::Created().body("second time lucky")
-                },
-            ))),
+            .service(
+                web::resource("/explode")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(|runs: web::Data<Runs>| async move {
+                        if runs.record() == 1 {
+                            panic!("the first run blows up");
+                        }
+                        HttpResponse::Created().body("second time lucky")
+                    })),
+            ),
     )
     .await;
     let first = respond(&app, keyed("/explode", "k").to_request()).await;

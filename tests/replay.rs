@@ -60,8 +60,11 @@ async fn create_note(runs: web::Data<Runs>) -> HttpResponse {
 async fn app(
     builder: IdempotencyMiddlewareBuilder,
     runs: &Runs,
-) -> impl Service<actix_http::Request, Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error>
-{
+) -> impl Service<
+    actix_http::Request,
+    Response = ServiceResponse<impl MessageBody>,
+    Error = actix_web::Error,
+> {
     let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
     test::init_service(
         App::new()
@@ -99,17 +102,36 @@ async fn replays_stored_response_for_same_key() {
 
     let first = test::call_service(&app, keyed("/orders", "k1", r#"{"a":1}"#).to_request()).await;
     assert_eq!(first.status(), StatusCode::CREATED);
-    assert!(first.headers().get(REPLAYED_HEADER).is_none(), "a first response is no replay");
+    assert!(
+        first.headers().get(REPLAYED_HEADER).is_none(),
+        "a first response is no replay"
+    );
     let first_body = test::read_body(first).await;
 
     for _ in 0..3 {
-        let replay = test::call_service(&app, keyed("/orders", "k1", r#"{"a":1}"#).to_request()).await;
+        let replay =
+            test::call_service(&app, keyed("/orders", "k1", r#"{"a":1}"#).to_request()).await;
         assert_eq!(replay.status(), StatusCode::CREATED);
-        assert_eq!(replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()), Some(&b"true"[..]));
-        assert_eq!(replay.headers().get("x-run").map(|v| v.as_bytes()), Some(&b"1"[..]));
-        assert_eq!(replay.headers().get(header::SET_COOKIE).map(|v| v.as_bytes()), Some(&b"session=abc"[..]));
         assert_eq!(
-            replay.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        assert_eq!(
+            replay.headers().get("x-run").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            replay
+                .headers()
+                .get(header::SET_COOKIE)
+                .map(|v| v.as_bytes()),
+            Some(&b"session=abc"[..])
+        );
+        assert_eq!(
+            replay
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
             Some(&b"application/json"[..])
         );
         assert_eq!(test::read_body(replay).await, first_body);
@@ -126,11 +148,19 @@ async fn same_key_with_another_payload_is_refused_with_422() {
     let reused = test::call_service(&app, keyed("/orders", "k", r#"{"a":2}"#).to_request()).await;
     assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
-        reused.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+        reused
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
         Some(&b"application/problem+json"[..])
     );
     let problem = json_of(reused).await;
-    assert!(problem["type"].as_str().is_some_and(|t| t.ends_with("#payload-mismatch")), "{problem}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("#payload-mismatch")),
+        "{problem}"
+    );
     assert_eq!(runs.count(), 1);
 }
 
@@ -167,7 +197,13 @@ async fn stored_statuses_are_configurable() {
     test::call_service(&app, keyed("/flaky", "k", "").to_request()).await;
     let replayed = test::call_service(&app, keyed("/flaky", "k", "").to_request()).await;
     assert_eq!(replayed.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(replayed.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        replayed
+            .headers()
+            .get(REPLAYED_HEADER)
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     assert_eq!(runs.count(), 1);
 }
 
@@ -191,7 +227,10 @@ async fn callers_with_different_authorization_never_share_records() {
     let bob = keyed("/orders", "k", "{}").insert_header((header::AUTHORIZATION, "Bearer bob"));
     let for_alice = test::call_service(&app, alice.to_request()).await;
     let for_bob = test::call_service(&app, bob.to_request()).await;
-    assert!(for_bob.headers().get(REPLAYED_HEADER).is_none(), "bob must not get alice's response");
+    assert!(
+        for_bob.headers().get(REPLAYED_HEADER).is_none(),
+        "bob must not get alice's response"
+    );
     assert_eq!(json_of(for_alice).await["run"], 1);
     assert_eq!(json_of(for_bob).await["run"], 2);
 }
@@ -200,7 +239,10 @@ async fn callers_with_different_authorization_never_share_records() {
 async fn custom_scope_closure_decides_who_shares_keys() {
     let runs = Runs::default();
     let tenant = |req: &actix_web::HttpRequest| {
-        req.headers().get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+        req.headers()
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     };
     let app = app(default_builder().scope(tenant), &runs).await;
     let send = |tenant: &'static str, auth: &'static str| {
@@ -211,7 +253,13 @@ async fn custom_scope_closure_decides_who_shares_keys() {
     };
     test::call_service(&app, send("t1", "Bearer a")).await;
     let same_tenant = test::call_service(&app, send("t1", "Bearer b")).await;
-    assert_eq!(same_tenant.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        same_tenant
+            .headers()
+            .get(REPLAYED_HEADER)
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     let other_tenant = test::call_service(&app, send("t2", "Bearer a")).await;
     assert!(other_tenant.headers().get(REPLAYED_HEADER).is_none());
     assert_eq!(runs.count(), 2);
@@ -223,7 +271,9 @@ async fn oversized_request_body_is_refused_before_the_handler() {
     let app = app(default_builder().request_body_limit(8), &runs).await;
     let response = test::call_service(&app, keyed("/orders", "k", "0123456789").to_request()).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(json_of(response).await["type"].as_str().is_some_and(|t| t.ends_with("#body-too-large")));
+    assert!(json_of(response).await["type"]
+        .as_str()
+        .is_some_and(|t| t.ends_with("#body-too-large")));
     assert_eq!(runs.count(), 0);
     // Nothing was reserved: a body within the limit runs.
     let fits = test::call_service(&app, keyed("/orders", "k", "01").to_request()).await;
@@ -239,7 +289,9 @@ async fn oversized_response_is_sent_but_retries_get_not_replayable() {
     assert_eq!(test::read_body(first).await.len(), 4096);
     let retry = test::call_service(&app, keyed("/big", "k", "").to_request()).await;
     assert_eq!(retry.status(), StatusCode::CONFLICT);
-    assert!(json_of(retry).await["type"].as_str().is_some_and(|t| t.ends_with("#response-not-replayable")));
+    assert!(json_of(retry).await["type"]
+        .as_str()
+        .is_some_and(|t| t.ends_with("#response-not-replayable")));
     assert_eq!(runs.count(), 1, "the side effect must not run again");
 }
 
@@ -250,7 +302,10 @@ async fn streamed_responses_are_captured_and_replayed() {
     let first = test::call_service(&app, keyed("/stream", "k", "").to_request()).await;
     assert_eq!(test::read_body(first).await, "1-0;1-1;1-2;");
     let replay = test::call_service(&app, keyed("/stream", "k", "").to_request()).await;
-    assert_eq!(replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     assert_eq!(test::read_body(replay).await, "1-0;1-1;1-2;");
     assert_eq!(runs.count(), 1);
 }
@@ -276,10 +331,16 @@ async fn records_expire_after_their_ttl_and_replays_do_not_extend_it() {
     test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
     actix_rt::time::sleep(Duration::from_millis(700)).await;
     let replay = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
-    assert_eq!(replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        replay.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     actix_rt::time::sleep(Duration::from_millis(1000)).await;
     let after_ttl = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
-    assert!(after_ttl.headers().get(REPLAYED_HEADER).is_none(), "the replay must not extend the TTL");
+    assert!(
+        after_ttl.headers().get(REPLAYED_HEADER).is_none(),
+        "the replay must not extend the TTL"
+    );
     assert_eq!(runs.count(), 2);
 }
 
@@ -299,7 +360,9 @@ async fn safe_methods_are_never_stored() {
     )
     .await;
     for expected in ["1", "2"] {
-        let request = test::TestRequest::get().uri("/things").insert_header(("Idempotency-Key", "k"));
+        let request = test::TestRequest::get()
+            .uri("/things")
+            .insert_header(("Idempotency-Key", "k"));
         let response = test::call_service(&app, request.to_request()).await;
         assert!(response.headers().get(REPLAYED_HEADER).is_none());
         assert_eq!(test::read_body(response).await, expected);
@@ -311,10 +374,26 @@ async fn telemetry_headers_are_added_when_enabled() {
     let runs = Runs::default();
     let app = app(default_builder().telemetry(true), &runs).await;
     let response = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
-    let duration = response.headers().get("x-request-duration-ms").and_then(|v| v.to_str().ok());
-    let start = response.headers().get("x-request-start-time").and_then(|v| v.to_str().ok());
-    assert!(duration.and_then(|d| d.parse::<f64>().ok()).is_some_and(|d| d >= 0.0), "{duration:?}");
-    assert!(start.and_then(|s| s.parse::<f64>().ok()).is_some_and(|s| s > 1.7e9), "{start:?}");
+    let duration = response
+        .headers()
+        .get("x-request-duration-ms")
+        .and_then(|v| v.to_str().ok());
+    let start = response
+        .headers()
+        .get("x-request-start-time")
+        .and_then(|v| v.to_str().ok());
+    assert!(
+        duration
+            .and_then(|d| d.parse::<f64>().ok())
+            .is_some_and(|d| d >= 0.0),
+        "{duration:?}"
+    );
+    assert!(
+        start
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|s| s > 1.7e9),
+        "{start:?}"
+    );
     let without = app_without_telemetry(&runs).await;
     let plain = test::call_service(&without, keyed("/orders", "k2", "{}").to_request()).await;
     assert!(plain.headers().get("x-request-duration-ms").is_none());
@@ -322,7 +401,10 @@ async fn telemetry_headers_are_added_when_enabled() {
 
 async fn app_without_telemetry(
     runs: &Runs,
-) -> impl Service<actix_http::Request, Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error>
-{
+) -> impl Service<
+    actix_http::Request,
+    Response = ServiceResponse<impl MessageBody>,
+    Error = actix_web::Error,
+> {
     app(default_builder(), runs).await
 }

@@ -61,7 +61,10 @@ where
             Some(Err(error)) => return CapturedBody::Failed(error.into()),
             Some(Ok(chunk)) if buffer.len() + chunk.len() > limit => {
                 buffer.extend_from_slice(&chunk);
-                let read = stream::once(async move { Ok::<_, Box<dyn std::error::Error>>(buffer.freeze()) });
+                let read =
+                    stream::once(
+                        async move { Ok::<_, Box<dyn std::error::Error>>(buffer.freeze()) },
+                    );
                 let rest = stream::poll_fn(move |cx| {
                     body.as_mut()
                         .poll_next(cx)
@@ -80,8 +83,12 @@ mod tests {
 
     use super::*;
 
-    fn chunks(parts: &'static [&'static str]) -> BodyStream<impl futures_util::Stream<Item = Result<Bytes, std::io::Error>>> {
-        BodyStream::new(stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes())))))
+    fn chunks(
+        parts: &'static [&'static str],
+    ) -> BodyStream<impl futures_util::Stream<Item = Result<Bytes, std::io::Error>>> {
+        BodyStream::new(stream::iter(
+            parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes()))),
+        ))
     }
 
     #[actix_rt::test]
@@ -96,7 +103,10 @@ mod tests {
     async fn streaming_body_over_limit_is_passed_on_intact() {
         match capture_response_body(chunks(&["ab", "cd", "ef"]), 3).await {
             CapturedBody::TooLarge(body) => {
-                assert_eq!(to_bytes(body).await.ok(), Some(Bytes::from_static(b"abcdef")));
+                assert_eq!(
+                    to_bytes(body).await.ok(),
+                    Some(Bytes::from_static(b"abcdef"))
+                );
             }
             _ => panic!("expected an over-limit body"),
         }
@@ -113,8 +123,14 @@ mod tests {
     #[actix_rt::test]
     async fn request_body_over_limit_is_refused() {
         let payload = Payload::from(Bytes::from_static(b"0123456789"));
-        assert_eq!(read_request_body(payload, 4).await, Err(RequestBodyError::TooLarge));
+        assert_eq!(
+            read_request_body(payload, 4).await,
+            Err(RequestBodyError::TooLarge)
+        );
         let payload = Payload::from(Bytes::from_static(b"0123"));
-        assert_eq!(read_request_body(payload, 4).await.ok(), Some(Bytes::from_static(b"0123")));
+        assert_eq!(
+            read_request_body(payload, 4).await.ok(),
+            Some(Bytes::from_static(b"0123"))
+        );
     }
 }

@@ -99,7 +99,9 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     pub(crate) fn is_storable(&self, status: StatusCode) -> bool {
-        self.storable_statuses.binary_search(&status.as_u16()).is_ok()
+        self.storable_statuses
+            .binary_search(&status.as_u16())
+            .is_ok()
     }
 
     pub(crate) fn store(&self, name: Option<&str>) -> Option<&Arc<dyn DynStore>> {
@@ -115,7 +117,10 @@ impl Config {
 static REGISTERED_STORE_NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 pub(crate) fn is_store_name_registered(name: &str) -> bool {
-    REGISTERED_STORE_NAMES.lock().iter().any(|known| known == name)
+    REGISTERED_STORE_NAMES
+        .lock()
+        .iter()
+        .any(|known| known == name)
 }
 
 /// Configures an [`IdempotencyMiddleware`]; start from [`IdempotencyMiddleware::builder`].
@@ -429,6 +434,9 @@ mod tests {
     fn django_meta_header_name_is_converted() {
         let middleware = builder().header_name("HTTP_X_IDEMPOTENCY_KEY").build();
         let header = middleware.map(|m| m.config().header.clone());
-        assert_eq!(header.ok(), Some(HeaderName::from_static("x-idempotency-key")));
+        assert_eq!(
+            header.ok(),
+            Some(HeaderName::from_static("x-idempotency-key"))
+        );
     }
 }

@@ -52,12 +52,26 @@ pub(crate) struct RequestFacts {
 }
 
 impl RequestFacts {
+    /// Captures what the flow needs. Without a usable key the flow answers 400 at once, so
+    /// the rest (scope, body headers) is skipped.
     pub(crate) fn capture(req: &ServiceRequest, config: &Config) -> Self {
         let headers = req.headers();
+        let key = parse_key_header(headers, &config.header);
+        if !matches!(key, Ok(Some(_))) {
+            return Self {
+                method: req.method().clone(),
+                path: String::new(),
+                key,
+                scope: None,
+                content_type: None,
+                content_length: None,
+                authorization: None,
+            };
+        }
         Self {
             method: req.method().clone(),
             path: req.path().to_owned(),
-            key: parse_key_header(headers, &config.header),
+            key,
             scope: config.scope.scope(req.request()),
             content_type: headers
                 .get(CONTENT_TYPE)
@@ -74,5 +88,8 @@ impl RequestFacts {
 
 /// Safe methods never need a key and are never stored.
 pub(crate) fn is_safe(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }

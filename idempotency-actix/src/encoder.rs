@@ -181,8 +181,14 @@ mod tests {
         let k = key("k");
         let base = KeyParts::new(&k, &Method::POST, "/a", b"");
         let encoded = DefaultKeyEncoder.encode(&base);
-        assert_ne!(encoded, DefaultKeyEncoder.encode(&KeyParts::new(&k, &Method::PUT, "/a", b"")));
-        assert_ne!(encoded, DefaultKeyEncoder.encode(&KeyParts::new(&k, &Method::POST, "/b", b"")));
+        assert_ne!(
+            encoded,
+            DefaultKeyEncoder.encode(&KeyParts::new(&k, &Method::PUT, "/a", b""))
+        );
+        assert_ne!(
+            encoded,
+            DefaultKeyEncoder.encode(&KeyParts::new(&k, &Method::POST, "/b", b""))
+        );
         assert_ne!(encoded, DefaultKeyEncoder.encode(&base.scope(Some(""))));
         assert_eq!(encoded.len(), 64);
     }

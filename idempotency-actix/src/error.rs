@@ -15,7 +15,8 @@ use serde::Serialize;
 ///
 /// Each variant of [`IdempotencyError`] appends a stable slug to it; clients may match on the
 /// full URI.
-pub const PROBLEM_TYPE_BASE: &str = "https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#";
+pub const PROBLEM_TYPE_BASE: &str =
+    "https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#";
 
 /// Why a request did not reach its handler, or why its outcome could not be recorded.
 ///
@@ -62,7 +63,9 @@ pub enum IdempotencyError {
     BodyUnreadable,
     /// The operation completed, but its response was too large to be stored, so it cannot be
     /// replayed (409).
-    #[error("the request with this idempotency key completed, but its response is too large to replay")]
+    #[error(
+        "the request with this idempotency key completed, but its response is too large to replay"
+    )]
     ResponseNotReplayable,
     /// The idempotency store could not be reached and the middleware fails closed (503).
     #[error("the idempotency store is unavailable; retry later")]
@@ -218,7 +221,10 @@ mod tests {
         let response = IdempotencyError::PayloadMismatch.error_response();
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(
-            response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
+            response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
             Some("application/problem+json")
         );
         let body = to_bytes(response.into_body()).await.unwrap_or_default();
@@ -235,7 +241,13 @@ mod tests {
             retry_after: Duration::from_millis(200),
         };
         let response = conflict.error_response();
-        assert_eq!(response.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(
+            response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
         let locked = IdempotencyError::InFlight {
             status: StatusCode::LOCKED,
             retry_after: Duration::from_secs(3),

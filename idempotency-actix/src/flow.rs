@@ -20,7 +20,9 @@ use crate::{
     key::InvalidKey,
     manual::{ManualIdempotency, PriorResponse},
     replay::{replay_response, replayable_headers},
-    storage::{CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse},
+    storage::{
+        CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
+    },
     Fingerprint, IdempotencyError,
 };
 
@@ -84,7 +86,10 @@ pub(crate) async fn start(
         return refuse(IdempotencyError::Misconfigured("unknown store name"));
     };
     let limit = config.request_body_limit;
-    if facts.content_length.is_some_and(|length| length > limit as u64) {
+    if facts
+        .content_length
+        .is_some_and(|length| length > limit as u64)
+    {
         return refuse(IdempotencyError::BodyTooLarge { limit });
     }
     let body = match read_request_body(payload, limit).await {
@@ -92,7 +97,9 @@ pub(crate) async fn start(
         Err(RequestBodyError::TooLarge) => return refuse(IdempotencyError::BodyTooLarge { limit }),
         Err(RequestBodyError::Unreadable) => return refuse(IdempotencyError::BodyUnreadable),
     };
-    let fingerprint = config.fingerprinter.fingerprint(facts.content_type.as_deref(), &body);
+    let fingerprint = config
+        .fingerprinter
+        .fingerprint(facts.content_type.as_deref(), &body);
     let storage_key = config.encoder.encode(
         &KeyParts::new(&key, &facts.method, &facts.path, &body)
             .scope(facts.scope.as_deref())
@@ -108,7 +115,13 @@ pub(crate) async fn start(
             Ok(Reservation::Acquired(token)) => {
                 return Start::Proceed {
                     payload: Payload::from(body),
-                    pending: Some(PendingRecord::new(config, store, storage_key, token, fingerprint)),
+                    pending: Some(PendingRecord::new(
+                        config,
+                        store,
+                        storage_key,
+                        token,
+                        fingerprint,
+                    )),
                     manual: manual.then(|| ManualIdempotency::new(key, false, true, None)),
                 };
             }
@@ -130,7 +143,10 @@ pub(crate) async fn start(
                     (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
                 };
             }
-            Ok(Reservation::InFlight { fingerprint: theirs, .. }) => {
+            Ok(Reservation::InFlight {
+                fingerprint: theirs,
+                ..
+            }) => {
                 if theirs != fingerprint && !manual {
                     return refuse(IdempotencyError::PayloadMismatch);
                 }
@@ -210,7 +226,9 @@ impl PendingRecord {
             Err(error) => {
                 // The handler panicked; unwinding dropped the reservation, which frees the key.
                 log::error!("idempotency: the handler of a keyed request panicked: {error}");
-                Err(actix_web::error::ErrorInternalServerError("the handler panicked"))
+                Err(actix_web::error::ErrorInternalServerError(
+                    "the handler panicked",
+                ))
             }
         }
     }
@@ -232,7 +250,9 @@ impl PendingRecord {
         };
         let (request, response) = response.into_parts();
         let (head, body) = response.into_parts();
-        let (record, body) = match capture_response_body(body, self.config.response_body_limit).await {
+        let (record, body) = match capture_response_body(body, self.config.response_body_limit)
+            .await
+        {
             CapturedBody::Complete(bytes) => {
                 let stored = StoredResponse::new(
                     head.status().as_u16(),
@@ -258,7 +278,11 @@ impl PendingRecord {
         self.settled = true;
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
-        match self.store.complete(&self.key, self.token, record, ttl).await {
+        match self
+            .store
+            .complete(&self.key, self.token, record, ttl)
+            .await
+        {
             Ok(Completion::Stored) => {}
             Ok(_) => log::warn!(
                 "idempotency: the reservation lease ran out before the handler finished; \

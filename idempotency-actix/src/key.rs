@@ -234,13 +234,19 @@ mod tests {
     }
 
     fn parse(values: &[&'static str]) -> Result<Option<IdempotencyKey>, InvalidKey> {
-        parse_key_header(&headers(values), &HeaderName::from_static("idempotency-key"))
+        parse_key_header(
+            &headers(values),
+            &HeaderName::from_static("idempotency-key"),
+        )
     }
 
     #[test]
     fn accepts_sf_string_and_bare_token_as_the_same_key() {
         assert_eq!(parse(&["\"abc\""]), parse(&["abc"]));
-        assert_eq!(parse(&["abc"]).ok().flatten().map(|k| k.0), Some("abc".to_owned()));
+        assert_eq!(
+            parse(&["abc"]).ok().flatten().map(|k| k.0),
+            Some("abc".to_owned())
+        );
     }
 
     #[test]
@@ -258,7 +264,10 @@ mod tests {
         assert_eq!(parse(&["a b"]), Err(InvalidKey::NotVisibleAscii));
         assert_eq!(parse(&["a", "b"]), Err(InvalidKey::Repeated));
         let long = "k".repeat(256);
-        assert_eq!(IdempotencyKey::try_from(long.as_str()), Err(InvalidKey::TooLong));
+        assert_eq!(
+            IdempotencyKey::try_from(long.as_str()),
+            Err(InvalidKey::TooLong)
+        );
         assert!(IdempotencyKey::try_from("k".repeat(255).as_str()).is_ok());
     }
 

@@ -123,7 +123,9 @@ pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
 pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};
 pub use fingerprint::{BodyFingerprint, Fingerprint, Fingerprinter, NoFingerprint};
 pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent};
-pub use key::{AuthorizationScope, CallerScope, GlobalScope, IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
+pub use key::{
+    AuthorizationScope, CallerScope, GlobalScope, IdempotencyKey, InvalidKey, MAX_KEY_LENGTH,
+};
 pub use manual::{ManualIdempotency, PriorResponse};
 pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
 pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};

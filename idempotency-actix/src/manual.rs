@@ -33,7 +33,8 @@ impl PriorResponse {
             }
         }
         Self {
-            status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            status: StatusCode::from_u16(stored.status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             headers,
             body: stored.body.clone(),
         }

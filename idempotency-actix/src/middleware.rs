@@ -2,8 +2,8 @@
 
 use std::{
     cell::{Cell, RefCell},
-    pin::Pin,
     future::{ready, Ready},
+    pin::Pin,
     rc::Rc,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -12,17 +12,17 @@ use std::{
 use actix_web::{
     body::{EitherBody, MessageBody},
     dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform},
-    error::PayloadError,
     error::InternalError,
+    error::PayloadError,
     http::header::{HeaderMap, HeaderName, HeaderValue},
     Error, HttpMessage,
 };
+use bytes::Bytes;
+use futures_util::Stream;
 use futures_util::{
     future::{Either, LocalBoxFuture, MapOk},
     stream, StreamExt, TryFutureExt,
 };
-use bytes::Bytes;
-use futures_util::Stream;
 use tokio::sync::oneshot;
 
 use crate::{
@@ -161,7 +161,9 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let untouched: Either<MapOk<S::Future, MapIntoLeft<B>>, BoxedResponse<B>> =
             match self.route(req) {
-                Routed::PassThrough(future) => Either::Left(future.map_ok(ServiceResponse::map_into_left_body)),
+                Routed::PassThrough(future) => {
+                    Either::Left(future.map_ok(ServiceResponse::map_into_left_body))
+                }
                 Routed::Keyed(future) => Either::Right(future),
             };
         if !self.config.telemetry {
@@ -200,15 +202,7 @@ where
         });
         req.extensions_mut().insert(Rc::clone(&slot));
         let default = match self.config.mode {
-            Mode::Enforce => {
-                // Hold the body back until routing says who reads it: a route marker takes it
-                // back; otherwise the default flow hashes it and feeds the handler.
-                let facts = RequestFacts::capture(&req, &self.config);
-                *slot.held_payload.borrow_mut() = Some(req.take_payload());
-                let (feed, stand_in) = stand_in_payload();
-                req.set_payload(stand_in);
-                Some((facts, feed))
-            }
+            Mode::Enforce => Some(self.prepare_default(&mut req, &slot)),
             Mode::Exempt => None,
         };
         // Routing runs synchronously inside this call: a marker on the matched route has
@@ -221,7 +215,11 @@ where
         match default {
             None => Routed::PassThrough(routed),
             Some((facts, feed)) => {
-                let payload = slot.held_payload.borrow_mut().take().unwrap_or(Payload::None);
+                let payload = slot
+                    .held_payload
+                    .borrow_mut()
+                    .take()
+                    .unwrap_or(Payload::None);
                 let config = Arc::clone(&self.config);
                 Routed::Keyed(Box::pin(async move {
                     match flow::start(&config, KeyedPolicy::Required, None, facts, payload).await {
@@ -231,9 +229,13 @@ where
                             drop(routed);
                             Err(InternalError::from_response("idempotency", response).into())
                         }
-                        Start::Proceed { payload, pending, .. } => {
+                        Start::Proceed {
+                            payload, pending, ..
+                        } => {
                             // The receiver only goes away with the routed request itself.
-                            let _ = feed.send(payload);
+                            if let Some(feed) = feed {
+                                let _ = feed.send(payload);
+                            }
                             match pending {
                                 Some(pending) => pending.run_to_completion(routed).await,
                                 None => routed.await.map(ServiceResponse::map_into_left_body),
@@ -243,6 +245,29 @@ where
                 }))
             }
         }
+    }
+}
+
+impl<S> InnerIdempotencyMiddleware<S> {
+    /// Readies the enforce-mode default for a route that turns out to have no marker.
+    ///
+    /// A keyed request's body is held back until routing says who reads it: a route marker
+    /// takes it back; otherwise the default flow hashes it and feeds the handler through the
+    /// stand-in. A request without a usable key is refused by the default without reading its
+    /// body, so it keeps its payload and costs no more than the key lookup.
+    fn prepare_default(
+        &self,
+        req: &mut ServiceRequest,
+        slot: &RouteSlot,
+    ) -> (RequestFacts, Option<oneshot::Sender<Payload>>) {
+        let facts = RequestFacts::capture(req, &self.config);
+        if !matches!(facts.key, Ok(Some(_))) {
+            return (facts, None);
+        }
+        *slot.held_payload.borrow_mut() = Some(req.take_payload());
+        let (feed, stand_in) = stand_in_payload();
+        req.set_payload(stand_in);
+        (facts, Some(feed))
     }
 }
 

@@ -141,6 +141,7 @@ where
 }
 
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
+type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>;
 
 /// The service behind [`IdempotencyPolicy`]; not used directly.
 #[doc(hidden)]
@@ -157,10 +158,7 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<
-        MapOk<S::Future, MapIntoLeft<B>>,
-        LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
-    >;
+    type Future = Either<MapOk<S::Future, MapIntoLeft<B>>, BoxedResponse<B>>;
 
     forward_ready!(service);
 
@@ -231,13 +229,12 @@ where
     }
 }
 
-fn misconfigured<L, B>(
-    req: ServiceRequest,
-    why: &'static str,
-) -> Either<L, LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>>
+fn misconfigured<L, B>(req: ServiceRequest, why: &'static str) -> Either<L, BoxedResponse<B>>
 where
     B: 'static,
 {
     let response = IdempotencyError::Misconfigured(why).error_response();
-    Either::Right(Box::pin(ready(Ok(req.into_response(response).map_into_right_body()))))
+    Either::Right(Box::pin(ready(Ok(req
+        .into_response(response)
+        .map_into_right_body()))))
 }

@@ -37,7 +37,12 @@ pub(crate) fn replayable_headers(headers: &HeaderMap) -> Vec<(String, Bytes)> {
     headers
         .iter()
         .filter(|(name, _)| is_replayable(name))
-        .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
         .collect()
 }
 
@@ -73,16 +78,27 @@ mod tests {
     #[test]
     fn stored_headers_drop_transfer_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-        headers.insert(header::DATE, HeaderValue::from_static("Sun, 22 Nov 2026 00:00:00 GMT"));
+        headers.insert(
+            header::DATE,
+            HeaderValue::from_static("Sun, 22 Nov 2026 00:00:00 GMT"),
+        );
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
         headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
-        let names: Vec<_> = replayable_headers(&headers).into_iter().map(|(n, _)| n).collect();
+        let names: Vec<_> = replayable_headers(&headers)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(names.iter().filter(|n| *n == "set-cookie").count(), 2);
         assert!(names.contains(&"content-type".to_owned()));
-        assert!(!names.iter().any(|n| n == "content-length" || n == "date" || n == "connection"));
+        assert!(!names
+            .iter()
+            .any(|n| n == "content-length" || n == "date" || n == "connection"));
     }
 
     #[test]
@@ -91,7 +107,10 @@ mod tests {
         let original = replay_response(&stored, ReplayStatus::Original);
         assert_eq!(original.status(), StatusCode::CREATED);
         assert_eq!(
-            original.headers().get(REPLAYED_HEADER).map(|v| v.as_bytes()),
+            original
+                .headers()
+                .get(REPLAYED_HEADER)
+                .map(|v| v.as_bytes()),
             Some(&b"true"[..])
         );
         let fixed = replay_response(&stored, ReplayStatus::Fixed(StatusCode::CONFLICT));

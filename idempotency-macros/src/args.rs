@@ -25,7 +25,10 @@ pub(crate) fn parse(marker: Marker, args: TokenStream) -> syn::Result<MarkerArgs
             }
             Meta::NameValue(pair) if pair.path.is_ident("store") && marker != Marker::Exempt => {
                 if parsed.store.is_some() {
-                    return Err(syn::Error::new_spanned(&pair.path, "`store` is given twice"));
+                    return Err(syn::Error::new_spanned(
+                        &pair.path,
+                        "`store` is given twice",
+                    ));
                 }
                 match &pair.value {
                     Expr::Lit(expr) if matches!(&expr.lit, Lit::Str(_)) => {

@@ -39,7 +39,10 @@ const ROUTE_ATTRIBUTES: &[&str] = &[
 ];
 
 fn last_segment(attr: &Attribute) -> Option<String> {
-    attr.path().segments.last().map(|segment| segment.ident.to_string())
+    attr.path()
+        .segments
+        .last()
+        .map(|segment| segment.ident.to_string())
 }
 
 pub(crate) fn expand(marker: Marker, args: TokenStream, item: TokenStream) -> TokenStream {
@@ -57,7 +60,11 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
     let args = args::parse(marker, args)?;
     let mut function: ItemFn = syn::parse2(item)?;
 
-    if let Some(other) = function.attrs.iter().find(|attr| Marker::from_attribute(attr).is_some()) {
+    if let Some(other) = function
+        .attrs
+        .iter()
+        .find(|attr| Marker::from_attribute(attr).is_some())
+    {
         let message = match Marker::from_attribute(other) {
             Some(same) if same == marker => format!("`#[{}]` is given twice", marker.attribute()),
             _ => format!(
@@ -107,7 +114,10 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
             "the route attribute needs its path, like `#[post(\"/orders\")]`",
         ));
     };
-    let policy = LitStr::new(&policy_expression(marker, &args), list.delimiter.span().join());
+    let policy = LitStr::new(
+        &policy_expression(marker, &args),
+        list.delimiter.span().join(),
+    );
     let tokens = &list.tokens;
     let separator = match tokens.clone().into_iter().last() {
         Some(proc_macro2::TokenTree::Punct(punct)) if punct.as_char() == ',' => quote! {},

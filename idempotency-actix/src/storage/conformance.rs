@@ -4,7 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
-use super::{Completion, CompletedRecord, IdempotencyStore, Reservation, ReservationToken, StoredResponse};
+use super::{
+    CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken, StoredResponse,
+};
 use crate::Fingerprint;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -15,7 +17,10 @@ fn record(body: &'static str) -> CompletedRecord {
         Fingerprint([7; 32]),
         Some(StoredResponse::new(
             201,
-            vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
+            vec![(
+                "content-type".to_owned(),
+                Bytes::from_static(b"application/json"),
+            )],
             Bytes::from_static(body.as_bytes()),
         )),
     )
@@ -50,7 +55,11 @@ async fn only_one_of_two_reservations_wins<S: IdempotencyStore>(store: S) {
             fingerprint,
             remaining_lease,
         }) => {
-            assert_eq!(fingerprint, Fingerprint([7; 32]), "in-flight must report the owner's fingerprint");
+            assert_eq!(
+                fingerprint,
+                Fingerprint([7; 32]),
+                "in-flight must report the owner's fingerprint"
+            );
             assert!(remaining_lease <= LEASE && remaining_lease > Duration::ZERO);
         }
         other => panic!("second reservation must see the first in flight, got {other:?}"),
@@ -77,12 +86,18 @@ async fn stale_token_cannot_complete_or_release<S: IdempotencyStore>(store: S) {
     let owner = acquire(&store, "k").await;
     let stranger = ReservationToken(owner.0.wrapping_add(1_000_000));
     assert_eq!(
-        store.complete("k", stranger, record("stale"), TTL).await.ok(),
+        store
+            .complete("k", stranger, record("stale"), TTL)
+            .await
+            .ok(),
         Some(Completion::LostReservation)
     );
     assert!(store.release("k", stranger).await.is_ok());
     assert!(
-        matches!(store.reserve("k", Fingerprint([7; 32]), LEASE).await, Ok(Reservation::InFlight { .. })),
+        matches!(
+            store.reserve("k", Fingerprint([7; 32]), LEASE).await,
+            Ok(Reservation::InFlight { .. })
+        ),
         "a stranger's release must not free the owner's key"
     );
     assert_eq!(
@@ -109,7 +124,9 @@ async fn expired_lease_frees_the_key<S: IdempotencyStore>(store: S) {
 
 async fn completed_record_expires_after_ttl<S: IdempotencyStore>(store: S) {
     let token = acquire(&store, "k").await;
-    let stored = store.complete("k", token, record("short"), Duration::from_millis(150)).await;
+    let stored = store
+        .complete("k", token, record("short"), Duration::from_millis(150))
+        .await;
     assert_eq!(stored.ok(), Some(Completion::Stored));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     acquire(&store, "k").await;
@@ -124,11 +141,15 @@ where
         .map(|_| {
             let store = Arc::clone(&store);
             std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
                 let Ok(runtime) = runtime else { return false };
                 runtime.block_on(async {
                     matches!(
-                        store.reserve("contended", Fingerprint([7; 32]), LEASE).await,
+                        store
+                            .reserve("contended", Fingerprint([7; 32]), LEASE)
+                            .await,
                         Ok(Reservation::Acquired(_))
                     )
                 })
@@ -140,5 +161,8 @@ where
         .map(|thread| thread.join().unwrap_or(false))
         .filter(|acquired| *acquired)
         .count();
-    assert_eq!(winners, 1, "exactly one of 16 concurrent reservations must acquire the key");
+    assert_eq!(
+        winners, 1,
+        "exactly one of 16 concurrent reservations must acquire the key"
+    );
 }

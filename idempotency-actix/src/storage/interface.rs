@@ -4,7 +4,7 @@ use std::{future::Future, time::Duration};
 
 use futures_util::future::LocalBoxFuture;
 
-use super::{Completion, CompletedRecord, Reservation, ReservationToken};
+use super::{CompletedRecord, Completion, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
 
 /// A backend that keeps idempotency records.

@@ -15,7 +15,7 @@ use moka::{
     Expiry,
 };
 
-use super::{Completion, CompletedRecord, IdempotencyStore, Reservation, ReservationToken};
+use super::{CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
 
 /// What one key holds.
@@ -111,8 +111,10 @@ impl MemoryStore {
         let token = ReservationToken(self.next_token.fetch_add(1, Ordering::Relaxed));
         let now = Instant::now();
         // One atomic step per key: moka runs the closure under the key's lock.
-        let result = self.cache.entry(key.to_owned()).and_compute_with(|existing| {
-            match existing.map(|entry| entry.into_value()) {
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
                 Some(Slot::InFlight { expires_at, .. }) if expires_at > now => Op::Nop,
                 Some(Slot::Completed { .. }) => Op::Nop,
                 _ => Op::Put(Slot::InFlight {
@@ -120,10 +122,11 @@ impl MemoryStore {
                     fingerprint,
                     expires_at: now + lease,
                 }),
-            }
-        });
+            });
         match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => Ok(Reservation::Acquired(token)),
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
+                Ok(Reservation::Acquired(token))
+            }
             CompResult::Unchanged(entry) => Ok(match entry.into_value() {
                 Slot::InFlight {
                     fingerprint,
@@ -148,15 +151,18 @@ impl MemoryStore {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Completion {
-        let result = self.cache.entry(key.to_owned()).and_compute_with(|existing| {
-            match existing.map(|entry| entry.into_value()) {
-                Some(Slot::InFlight { token: owner, .. }) if owner == token => Op::Put(Slot::Completed {
-                    record: Arc::new(record),
-                    ttl,
-                }),
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
+                Some(Slot::InFlight { token: owner, .. }) if owner == token => {
+                    Op::Put(Slot::Completed {
+                        record: Arc::new(record),
+                        ttl,
+                    })
+                }
                 _ => Op::Nop,
-            }
-        });
+            });
         match result {
             CompResult::ReplacedWith(_) => Completion::Stored,
             _ => Completion::LostReservation,
@@ -164,12 +170,12 @@ impl MemoryStore {
     }
 
     fn release_now(&self, key: &str, token: ReservationToken) {
-        self.cache.entry(key.to_owned()).and_compute_with(|existing| {
-            match existing.map(|entry| entry.into_value()) {
+        self.cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
                 Some(Slot::InFlight { token: owner, .. }) if owner == token => Op::Remove,
                 _ => Op::Nop,
-            }
-        });
+            });
     }
 }
 
@@ -250,6 +256,6 @@ mod tests {
 
     #[actix_rt::test]
     async fn memory_store_keeps_the_store_contract() {
-        conformance::run_all(|| MemoryStore::default()).await;
+        conformance::run_all(MemoryStore::default).await;
     }
 }

@@ -4,11 +4,11 @@ mod interface;
 mod memory;
 mod record;
 
-pub use interface::IdempotencyStore;
 pub(crate) use interface::DynStore;
+pub use interface::IdempotencyStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use record::{
-    Completion, CompletedRecord, Reservation, ReservationToken, StoredResponse,
+    CompletedRecord, Completion, Reservation, ReservationToken, StoredResponse,
     RECORD_FORMAT_VERSION,
 };
 
