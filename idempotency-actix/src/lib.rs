@@ -131,6 +131,8 @@ pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
 pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
 pub use replay::REPLAYED_HEADER;
 pub use storage::{IdempotencyStore, MemoryStore};
+#[cfg(feature = "redis")]
+pub use storage::{RedisStore, RedisStoreBuilder};
 
 /// Paths used by the code the handler attributes generate. Not a public API.
 #[doc(hidden)]
