@@ -172,3 +172,101 @@ impl Received {
         self.json()["type"].as_str().map(str::to_owned)
     }
 }
+
+/// The Redis the tests use (`IDEMPOTENCY_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`), or
+/// `None` after a loud message when none answers. Under `IDEMPOTENCY_REQUIRE_REDIS=1` a missing
+/// Redis fails the test instead.
+pub async fn redis_url_or_skip(test: &str) -> Option<String> {
+    let url = std::env::var("IDEMPOTENCY_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    if redis_answers(&url).await {
+        return Some(url);
+    }
+    if std::env::var("IDEMPOTENCY_REQUIRE_REDIS").as_deref() == Ok("1") {
+        panic!("{test}: IDEMPOTENCY_REQUIRE_REDIS=1 but no Redis answers at {url}");
+    }
+    eprintln!("\n*** SKIPPED {test}: no Redis at {url} (set IDEMPOTENCY_TEST_REDIS_URL) ***\n");
+    None
+}
+
+/// Whether a Redis server answers PING at `url`.
+pub async fn redis_answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut connection)
+        .await
+        .is_ok()
+}
+
+/// A key prefix no other test (or earlier run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("test:{test}:{}:{nanos}:", std::process::id())
+}
+
+/// A private `redis-server` on a free port, for tests that stop and start Redis. Killed on drop.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// Picks a free port without starting anything yet (Redis is "unreachable" there).
+    pub fn reserve_port() -> std::io::Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Ok(Self { port, child: None })
+    }
+
+    /// Whether `redis-server` is installed.
+    pub fn available() -> bool {
+        std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server and waits until it answers.
+    pub async fn start(&mut self) -> std::io::Result<()> {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        for _ in 0..100 {
+            if redis_answers(&self.url()).await {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(std::io::Error::other("redis-server did not come up"))
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,235 @@
+//! The Redis store: several instances behave as one, Redis faults, and round trips.
+
+use std::{sync::Arc, time::Duration};
+
+use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
+use futures_util::future::join_all;
+use idempotency_actix::{idempotent, IdempotencyMiddleware, RedisStore, StoreOutage, REPLAYED_HEADER};
+use idempotency_actix_workspace::{
+    redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    sync::Barrier,
+};
+
+#[idempotent]
+#[post("/orders")]
+async fn create_order(runs: web::Data<Runs>, body: web::Bytes) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    HttpResponse::Created()
+        .insert_header(("x-order", run.to_string()))
+        .body(format!("order {run}: {}", String::from_utf8_lossy(&body)))
+}
+
+fn store(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::builder(url)
+        .key_prefix(prefix)
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"))
+}
+
+fn instance(url: &str, prefix: &str, runs: &Runs) -> TestServer {
+    let middleware = IdempotencyMiddleware::builder(store(url, prefix))
+        .lock_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let runs = runs.clone();
+    TestServer::start(2, move || {
+        App::new()
+            .wrap(middleware.clone())
+            .app_data(web::Data::new(runs.clone()))
+            .service(create_order)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    replayed: bool,
+    order: Option<String>,
+    body: String,
+}
+
+async fn post(client: &reqwest::Client, url: &str, key: &str) -> Answer {
+    let response = client
+        .post(url)
+        .header("Idempotency-Key", key)
+        .body("book")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request: {e}"));
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
+    let order = header("x-order");
+    Answer {
+        status: response.status().as_u16(),
+        replayed,
+        order,
+        body: response.text().await.unwrap_or_default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_redis_run_a_handler_once() {
+    let Some(url) = redis_url_or_skip("two_instances_on_one_redis_run_a_handler_once").await else {
+        return;
+    };
+    let prefix = unique_prefix("two-instances");
+    let runs = Runs::default();
+    let (first, second) = (instance(&url, &prefix, &runs), instance(&url, &prefix, &runs));
+    assert_ne!(first.address(), second.address());
+
+    const REQUESTS: usize = 40;
+    let start = Arc::new(Barrier::new(REQUESTS));
+    let urls = [first.url("/orders"), second.url("/orders")];
+    let tasks = (0..REQUESTS).map(|i| {
+        let url = urls[i % 2].clone();
+        let start = Arc::clone(&start);
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_else(|e| panic!("{e}"));
+            start.wait().await;
+            (i % 2, post(&client, &url, "shared-key").await)
+        })
+    });
+    let answers: Vec<_> = join_all(tasks).await.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}"))).collect();
+
+    assert_eq!(runs.count(), 1, "one run across both instances");
+    let firsts: Vec<_> = answers.iter().filter(|(_, a)| a.status == 201 && !a.replayed).collect();
+    assert_eq!(firsts.len(), 1, "{answers:?}");
+    assert!(answers.iter().all(|(_, a)| a.replayed || a.status == 409 || a.status == 201), "{answers:?}");
+    let replays: Vec<_> = answers.iter().filter(|(_, a)| a.replayed).collect();
+    assert!(replays.iter().any(|(from, _)| *from == 0) && replays.iter().any(|(from, _)| *from == 1));
+    for (_, replay) in &replays {
+        assert_eq!(replay.body, firsts[0].1.body, "replays are byte-identical to the first answer");
+        assert_eq!(replay.order, firsts[0].1.order);
+        assert_eq!(replay.status, 201);
+    }
+}
+
+#[actix_rt::test]
+async fn redis_outages_answer_503_and_recover_without_a_restart() {
+    if !PrivateRedis::available() {
+        if std::env::var("IDEMPOTENCY_REQUIRE_REDIS").as_deref() == Ok("1") {
+            panic!("IDEMPOTENCY_REQUIRE_REDIS=1 but redis-server is not installed");
+        }
+        eprintln!("\n*** SKIPPED redis_outages_answer_503_and_recover_without_a_restart: no redis-server ***\n");
+        return;
+    }
+    let mut redis = PrivateRedis::reserve_port().unwrap_or_else(|e| panic!("{e}"));
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::new(store(&redis.url(), "outage:"));
+    let app = test::init_service(
+        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(create_order),
+    )
+    .await;
+    let send = |key: &'static str| test::TestRequest::post().uri("/orders").insert_header(("Idempotency-Key", key)).to_request();
+
+    // Unreachable from the start.
+    let refused = respond(&app, send("a")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.problem_type().is_some_and(|t| t.ends_with("#store-unavailable")));
+    assert_eq!(runs.count(), 0, "fail closed: the handler must not run");
+
+    // Redis comes up: the same app recovers.
+    redis.start().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(respond(&app, send("a")).await.status, StatusCode::CREATED);
+    assert!(respond(&app, send("a")).await.is_replay());
+
+    // Redis goes away mid-run.
+    redis.stop();
+    let during = respond(&app, send("b")).await;
+    assert_eq!(during.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.count(), 1);
+
+    // And comes back (empty: it keeps nothing on disk).
+    redis.start().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut recovered = respond(&app, send("b")).await;
+    for _ in 0..20 {
+        if recovered.status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        recovered = respond(&app, send("b")).await;
+    }
+    assert_eq!(recovered.status, StatusCode::CREATED);
+    assert_eq!(runs.count(), 2);
+}
+
+#[actix_rt::test]
+async fn fail_open_runs_the_handler_while_redis_is_down() {
+    let redis = PrivateRedis::reserve_port().unwrap_or_else(|e| panic!("{e}"));
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::builder(store(&redis.url(), "open:"))
+        .store_outage(StoreOutage::FailOpen)
+        .build()
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let app = test::init_service(
+        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(create_order),
+    )
+    .await;
+    let request = || test::TestRequest::post().uri("/orders").insert_header(("Idempotency-Key", "k")).to_request();
+    assert_eq!(respond(&app, request()).await.status, StatusCode::CREATED);
+    assert_eq!(respond(&app, request()).await.status, StatusCode::CREATED);
+    assert_eq!(runs.count(), 2, "fail open: unprotected, every request runs");
+}
+
+/// Counts the commands clients send to Redis that name `prefix`, leaving out the ones Lua
+/// scripts run inside the server.
+struct Monitor {
+    lines: BufReader<TcpStream>,
+}
+
+impl Monitor {
+    async fn start(url: &str) -> Self {
+        let address = url.trim_start_matches("redis://").trim_end_matches('/');
+        let mut stream = TcpStream::connect(address).await.unwrap_or_else(|e| panic!("monitor: {e}"));
+        stream.write_all(b"MONITOR\r\n").await.unwrap_or_else(|e| panic!("monitor: {e}"));
+        let mut lines = BufReader::new(stream);
+        let mut ok = String::new();
+        lines.read_line(&mut ok).await.unwrap_or_else(|e| panic!("monitor: {e}"));
+        assert!(ok.starts_with("+OK"), "{ok}");
+        Self { lines }
+    }
+
+    async fn client_commands_naming(&mut self, prefix: &str) -> usize {
+        let mut count = 0;
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    if line.contains(prefix) && !line.contains(" lua]") {
+                        count += 1;
+                    }
+                }
+                _ => return count,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_request_costs_two_round_trips_and_a_replay_one() {
+    let Some(url) = redis_url_or_skip("a_fresh_request_costs_two_round_trips_and_a_replay_one").await else {
+        return;
+    };
+    let prefix = unique_prefix("round-trips");
+    let runs = Runs::default();
+    let server = instance(&url, &prefix, &runs);
+    let client = reqwest::Client::new();
+    // Warm up: connect and load the scripts.
+    post(&client, &server.url("/orders"), "warm-up").await;
+    post(&client, &server.url("/orders"), "warm-up").await;
+
+    let mut monitor = Monitor::start(&url).await;
+    let fresh = post(&client, &server.url("/orders"), "measured").await;
+    assert_eq!((fresh.status, fresh.replayed), (201, false));
+    assert_eq!(monitor.client_commands_naming(&prefix).await, 2, "reserve + complete");
+
+    let replay = post(&client, &server.url("/orders"), "measured").await;
+    assert!(replay.replayed);
+    assert_eq!(monitor.client_commands_naming(&prefix).await, 1, "one read");
+}
