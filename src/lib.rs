@@ -1,6 +1,8 @@
 //! Support for the workspace's integration tests and benchmark: a real server on a free port,
 //! and a handler-run counter. Not published.
 
+pub mod orders;
+
 use std::{
     fmt,
     net::{SocketAddr, TcpListener},

@@ -4,7 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
 use futures_util::future::join_all;
-use idempotency_actix::{idempotent, IdempotencyMiddleware, RedisStore, StoreOutage, REPLAYED_HEADER};
+use idempotency_actix::{
+    idempotent, IdempotencyMiddleware, RedisStore, StoreOutage, REPLAYED_HEADER,
+};
 use idempotency_actix_workspace::{
     redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
 };
@@ -62,7 +64,13 @@ async fn post(client: &reqwest::Client, url: &str, key: &str) -> Answer {
         .send()
         .await
         .unwrap_or_else(|e| panic!("request: {e}"));
-    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
     let order = header("x-order");
     Answer {
@@ -80,7 +88,10 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
     };
     let prefix = unique_prefix("two-instances");
     let runs = Runs::default();
-    let (first, second) = (instance(&url, &prefix, &runs), instance(&url, &prefix, &runs));
+    let (first, second) = (
+        instance(&url, &prefix, &runs),
+        instance(&url, &prefix, &runs),
+    );
     assert_ne!(first.address(), second.address());
 
     const REQUESTS: usize = 40;
@@ -90,21 +101,41 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
         let url = urls[i % 2].clone();
         let start = Arc::clone(&start);
         tokio::spawn(async move {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_else(|e| panic!("{e}"));
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
             start.wait().await;
             (i % 2, post(&client, &url, "shared-key").await)
         })
     });
-    let answers: Vec<_> = join_all(tasks).await.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}"))).collect();
+    let answers: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
 
     assert_eq!(runs.count(), 1, "one run across both instances");
-    let firsts: Vec<_> = answers.iter().filter(|(_, a)| a.status == 201 && !a.replayed).collect();
+    let firsts: Vec<_> = answers
+        .iter()
+        .filter(|(_, a)| a.status == 201 && !a.replayed)
+        .collect();
     assert_eq!(firsts.len(), 1, "{answers:?}");
-    assert!(answers.iter().all(|(_, a)| a.replayed || a.status == 409 || a.status == 201), "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(_, a)| a.replayed || a.status == 409 || a.status == 201),
+        "{answers:?}"
+    );
     let replays: Vec<_> = answers.iter().filter(|(_, a)| a.replayed).collect();
-    assert!(replays.iter().any(|(from, _)| *from == 0) && replays.iter().any(|(from, _)| *from == 1));
+    assert!(
+        replays.iter().any(|(from, _)| *from == 0) && replays.iter().any(|(from, _)| *from == 1)
+    );
     for (_, replay) in &replays {
-        assert_eq!(replay.body, firsts[0].1.body, "replays are byte-identical to the first answer");
+        assert_eq!(
+            replay.body, firsts[0].1.body,
+            "replays are byte-identical to the first answer"
+        );
         assert_eq!(replay.order, firsts[0].1.order);
         assert_eq!(replay.status, 201);
     }
@@ -123,15 +154,25 @@ async fn redis_outages_answer_503_and_recover_without_a_restart() {
     let runs = Runs::default();
     let middleware = IdempotencyMiddleware::new(store(&redis.url(), "outage:"));
     let app = test::init_service(
-        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(create_order),
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .service(create_order),
     )
     .await;
-    let send = |key: &'static str| test::TestRequest::post().uri("/orders").insert_header(("Idempotency-Key", key)).to_request();
+    let send = |key: &'static str| {
+        test::TestRequest::post()
+            .uri("/orders")
+            .insert_header(("Idempotency-Key", key))
+            .to_request()
+    };
 
     // Unreachable from the start.
     let refused = respond(&app, send("a")).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(refused.problem_type().is_some_and(|t| t.ends_with("#store-unavailable")));
+    assert!(refused
+        .problem_type()
+        .is_some_and(|t| t.ends_with("#store-unavailable")));
     assert_eq!(runs.count(), 0, "fail closed: the handler must not run");
 
     // Redis comes up: the same app recovers.
@@ -168,13 +209,25 @@ async fn fail_open_runs_the_handler_while_redis_is_down() {
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
     let app = test::init_service(
-        App::new().wrap(middleware).app_data(web::Data::new(runs.clone())).service(create_order),
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .service(create_order),
     )
     .await;
-    let request = || test::TestRequest::post().uri("/orders").insert_header(("Idempotency-Key", "k")).to_request();
+    let request = || {
+        test::TestRequest::post()
+            .uri("/orders")
+            .insert_header(("Idempotency-Key", "k"))
+            .to_request()
+    };
     assert_eq!(respond(&app, request()).await.status, StatusCode::CREATED);
     assert_eq!(respond(&app, request()).await.status, StatusCode::CREATED);
-    assert_eq!(runs.count(), 2, "fail open: unprotected, every request runs");
+    assert_eq!(
+        runs.count(),
+        2,
+        "fail open: unprotected, every request runs"
+    );
 }
 
 /// Counts the commands clients send to Redis that name `prefix`, leaving out the ones Lua
@@ -186,11 +239,19 @@ struct Monitor {
 impl Monitor {
     async fn start(url: &str) -> Self {
         let address = url.trim_start_matches("redis://").trim_end_matches('/');
-        let mut stream = TcpStream::connect(address).await.unwrap_or_else(|e| panic!("monitor: {e}"));
-        stream.write_all(b"MONITOR\r\n").await.unwrap_or_else(|e| panic!("monitor: {e}"));
+        let mut stream = TcpStream::connect(address)
+            .await
+            .unwrap_or_else(|e| panic!("monitor: {e}"));
+        stream
+            .write_all(b"MONITOR\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("monitor: {e}"));
         let mut lines = BufReader::new(stream);
         let mut ok = String::new();
-        lines.read_line(&mut ok).await.unwrap_or_else(|e| panic!("monitor: {e}"));
+        lines
+            .read_line(&mut ok)
+            .await
+            .unwrap_or_else(|e| panic!("monitor: {e}"));
         assert!(ok.starts_with("+OK"), "{ok}");
         Self { lines }
     }
@@ -199,7 +260,9 @@ impl Monitor {
         let mut count = 0;
         loop {
             let mut line = String::new();
-            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line)).await {
+            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line))
+                .await
+            {
                 Ok(Ok(n)) if n > 0 => {
                     if line.contains(prefix) && !line.contains(" lua]") {
                         count += 1;
@@ -213,7 +276,9 @@ impl Monitor {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_request_costs_two_round_trips_and_a_replay_one() {
-    let Some(url) = redis_url_or_skip("a_fresh_request_costs_two_round_trips_and_a_replay_one").await else {
+    let Some(url) =
+        redis_url_or_skip("a_fresh_request_costs_two_round_trips_and_a_replay_one").await
+    else {
         return;
     };
     let prefix = unique_prefix("round-trips");
@@ -227,7 +292,11 @@ async fn a_fresh_request_costs_two_round_trips_and_a_replay_one() {
     let mut monitor = Monitor::start(&url).await;
     let fresh = post(&client, &server.url("/orders"), "measured").await;
     assert_eq!((fresh.status, fresh.replayed), (201, false));
-    assert_eq!(monitor.client_commands_naming(&prefix).await, 2, "reserve + complete");
+    assert_eq!(
+        monitor.client_commands_naming(&prefix).await,
+        2,
+        "reserve + complete"
+    );
 
     let replay = post(&client, &server.url("/orders"), "measured").await;
     assert!(replay.replayed);

@@ -6,11 +6,11 @@ mod record;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub(crate) use interface::DynStore;
 pub use interface::IdempotencyStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use record::{
     CompletedRecord, Completion, Reservation, ReservationToken, StoredResponse,
     RECORD_FORMAT_VERSION,

@@ -17,7 +17,7 @@ use redis::{
 };
 use tokio::sync::OnceCell;
 
-use super::{Completion, CompletedRecord, IdempotencyStore, Reservation, ReservationToken};
+use super::{CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
 
 /// Claims a free key (or one whose lease ran out: Redis expired it), in one step.
@@ -317,7 +317,9 @@ fn backend(error: redis::RedisError) -> StoreError {
 }
 
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// What a reservation's value starts with: the in-flight marker and the owner's token.
@@ -380,7 +382,9 @@ mod tests {
 
     #[actix_rt::test]
     async fn redis_store_keeps_the_store_contract() {
-        let Some(url) = test_redis_url().await else { return };
+        let Some(url) = test_redis_url().await else {
+            return;
+        };
         let run = RandomState::new().build_hasher().finish();
         let counter = AtomicU64::new(0);
         conformance::run_all(|| {
@@ -399,7 +403,10 @@ mod tests {
             Fingerprint([3; 32]),
             Some(super::super::StoredResponse::new(
                 201,
-                vec![("content-type".to_owned(), bytes::Bytes::from_static(b"text/plain"))],
+                vec![(
+                    "content-type".to_owned(),
+                    bytes::Bytes::from_static(b"text/plain"),
+                )],
                 bytes::Bytes::from_static(b"hello"),
             )),
         );

@@ -1,0 +1,165 @@
+//! The demo server's routes, exactly as `cargo run --example orders` serves them.
+
+use actix_web::{http::StatusCode, test, web, App};
+use idempotency_actix::{IdempotencyMiddleware, MemoryStore, RedisStore};
+use idempotency_actix_workspace::{
+    orders::{routes, Orders},
+    redis_url_or_skip, respond, unique_prefix, Received, TestServer,
+};
+use serde_json::json;
+
+fn order(path: &str, key: Option<&str>, item: &str) -> actix_http::Request {
+    let mut request = test::TestRequest::post()
+        .uri(path)
+        .set_json(json!({ "item": item }));
+    if let Some(key) = key {
+        request = request.insert_header(("Idempotency-Key", key.to_owned()));
+    }
+    request.to_request()
+}
+
+#[actix_rt::test]
+async fn demo_routes_behave_as_documented() {
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .configure(routes(web::Data::new(Orders::default()))),
+    )
+    .await;
+    let count = |received: Received| received.json()["count"].as_u64();
+
+    let first = respond(&app, order("/orders", Some("a"), "book")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.json(), json!({ "id": 1, "item": "book" }));
+    let replay = respond(&app, order("/orders", Some("a"), "book")).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.json(), json!({ "id": 1, "item": "book" }));
+    assert_eq!(
+        respond(&app, order("/orders", None, "book")).await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    let optional = respond(&app, order("/orders/optional", None, "pen")).await;
+    assert_eq!(optional.json(), json!({ "id": 2, "item": "pen" }));
+    let optional_again = respond(&app, order("/orders/optional", None, "pen")).await;
+    assert_eq!(optional_again.json()["id"], 3);
+
+    let manual = respond(&app, order("/orders/manual", Some("m"), "ink")).await;
+    assert_eq!(manual.status, StatusCode::CREATED);
+    assert_eq!(manual.json(), json!({ "id": 4, "item": "ink" }));
+    let manual_again = respond(&app, order("/orders/manual", Some("m"), "ink")).await;
+    assert_eq!(manual_again.status, StatusCode::OK);
+    assert_eq!(manual_again.json(), json!({ "replayed_id": 4 }));
+
+    let slow = respond(&app, order("/orders/slow", Some("s"), "desk")).await;
+    assert_eq!(slow.json(), json!({ "id": 5, "item": "desk" }));
+
+    let failed = respond(&app, order("/orders/fail", Some("f"), "lamp")).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        failed.header("content-type"),
+        Some("application/problem+json")
+    );
+    let failed_again = respond(&app, order("/orders/fail", Some("f"), "lamp")).await;
+    assert!(!failed_again.is_replay(), "a 500 is not stored");
+
+    for _ in 0..2 {
+        let ping = respond(&app, test::TestRequest::post().uri("/ping").to_request()).await;
+        assert_eq!(ping.status, StatusCode::OK);
+    }
+    let note = |key: Option<&str>| {
+        let mut request = test::TestRequest::post().uri("/notes").set_payload("hello");
+        if let Some(key) = key {
+            request = request.insert_header(("Idempotency-Key", key.to_owned()));
+        }
+        request.to_request()
+    };
+    assert_eq!(
+        respond(&app, note(None)).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        respond(&app, note(Some("n"))).await.status,
+        StatusCode::CREATED
+    );
+
+    let counted = respond(
+        &app,
+        test::TestRequest::get().uri("/orders/count").to_request(),
+    )
+    .await;
+    assert_eq!(
+        count(counted),
+        Some(5),
+        "replays, failures and manual repeats create nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demo_servers_on_one_redis_behave_as_one() {
+    let Some(url) = redis_url_or_skip("two_demo_servers_on_one_redis_behave_as_one").await else {
+        return;
+    };
+    let prefix = unique_prefix("demo");
+    let orders = web::Data::new(
+        Orders::shared(&url, &format!("{prefix}next-order-id"))
+            .await
+            .unwrap_or_else(|e| panic!("orders: {e}")),
+    );
+    let start = || {
+        let store = RedisStore::builder(&url)
+            .key_prefix(format!("{prefix}idempotency:"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"));
+        let middleware = IdempotencyMiddleware::new(store);
+        let orders = orders.clone();
+        TestServer::start(1, move || {
+            App::new()
+                .wrap(middleware.clone())
+                .configure(routes(orders.clone()))
+        })
+        .unwrap_or_else(|e| panic!("server: {e}"))
+    };
+    let (a, b) = (start(), start());
+    let client = reqwest::Client::new();
+    let post = |url: String, key: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", key)
+                .json(&json!({ "item": "book" }))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            (
+                response.status().as_u16(),
+                replayed,
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    let first = post(a.url("/orders"), "k1").await;
+    let on_b = post(b.url("/orders"), "k1").await;
+    assert_eq!((first.0, first.1), (201, false));
+    assert_eq!((on_b.0, on_b.1), (201, true));
+    assert_eq!(
+        on_b.2, first.2,
+        "the replay from the other server is byte-identical"
+    );
+    let second = post(b.url("/orders"), "k2").await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&second.2).unwrap_or_default()["id"],
+        2
+    );
+    let count = client
+        .get(a.url("/orders/count"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        count.json::<serde_json::Value>().await.unwrap_or_default(),
+        json!({ "count": 2 })
+    );
+}
