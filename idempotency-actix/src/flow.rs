@@ -26,8 +26,10 @@ use crate::{
     Fingerprint, IdempotencyError,
 };
 
-/// How often a duplicate looks again while it waits for the first request's response.
-const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How soon a waiting duplicate looks again: quickly at first, then backing off so that many
+/// waiting duplicates do not hammer a shared store.
+const FIRST_WAIT: Duration = Duration::from_millis(5);
+const LONGEST_WAIT: Duration = Duration::from_millis(50);
 /// What in-flight refusals suggest in `Retry-After`.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -107,6 +109,7 @@ pub(crate) async fn start(
     );
     let manual = policy == KeyedPolicy::Manual;
     let give_up_at = Instant::now() + config.lock_wait;
+    let mut wait = FIRST_WAIT;
     loop {
         let reservation = store
             .reserve(&storage_key, fingerprint, config.reservation_lease)
@@ -157,7 +160,8 @@ pub(crate) async fn start(
                         retry_after: RETRY_AFTER,
                     });
                 }
-                tokio::time::sleep(WAIT_POLL_INTERVAL.min(give_up_at - now)).await;
+                tokio::time::sleep(wait.min(give_up_at - now)).await;
+                wait = (wait * 2).min(LONGEST_WAIT);
             }
             Err(error) => {
                 log::error!("idempotency: store unavailable while reserving a key: {error}");
