@@ -65,8 +65,17 @@
 //! # Choosing a backend
 //!
 //! [`MemoryStore`] (the default, on moka) keeps records in the process: right for one
-//! instance. Any backend implementing [`IdempotencyStore`] can be plugged in; its
+//! instance. With the `redis` feature, `RedisStore` shares one state between any number of
+//! instances (one Lua script per operation, two round trips for a fresh request, one for a
+//! replay). Any backend implementing [`IdempotencyStore`] can be plugged in; its
 //! [`reserve`](IdempotencyStore::reserve) must be atomic.
+//!
+//! Build the store and the middleware once, outside `HttpServer::new`: its closure runs once
+//! per worker, and a per-worker in-memory store lets every worker run the same request once.
+//!
+//! # Crate features
+//!
+//! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
 //!
 //! # Customising keys
 //!
