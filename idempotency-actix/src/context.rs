@@ -37,6 +37,21 @@ pub(crate) struct RouteSlot {
     /// The real payload, held back while routing runs in enforce mode (the routed request
     /// carries a stand-in until someone decides who reads the body).
     pub(crate) held_payload: RefCell<Option<Payload>>,
+    /// The request's facts, captured before routing in enforce mode (the default flow needs
+    /// them after routing, when the request is out of reach); a marker takes them instead of
+    /// capturing them again.
+    pub(crate) facts: RefCell<Option<RequestFacts>>,
+}
+
+impl RouteSlot {
+    pub(crate) fn new(config: Arc<Config>) -> Self {
+        Self {
+            config,
+            decision: Cell::new(Decision::Pending),
+            held_payload: RefCell::new(None),
+            facts: RefCell::new(None),
+        }
+    }
 }
 
 /// The parts of a request the idempotency flow needs, captured while the request is at hand.

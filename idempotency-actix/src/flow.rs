@@ -181,6 +181,21 @@ pub(crate) async fn start(
     }
 }
 
+/// Runs the handler; with a reservation, to completion in its own task, storing its response.
+pub(crate) async fn run_handler<F, B>(
+    pending: Option<PendingRecord>,
+    handler: F,
+) -> Result<ServiceResponse<EitherBody<B>>, Error>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
+    B: MessageBody + 'static,
+{
+    match pending {
+        Some(pending) => pending.run_to_completion(handler).await,
+        None => handler.await.map(ServiceResponse::map_into_left_body),
+    }
+}
+
 /// A reservation whose handler is running. Dropped without [`finish`](Self::finish) (the
 /// client went away, the handler panicked), it frees its key in the background; the lease
 /// covers the case where even that cannot run.
@@ -216,7 +231,7 @@ impl PendingRecord {
     ///
     /// The task outlives the request: a client that disconnects mid-way does not cancel the
     /// handler, so its retry gets the replay instead of a second, possibly half-done, run.
-    pub(crate) async fn run_to_completion<F, B>(
+    async fn run_to_completion<F, B>(
         self,
         handler: F,
     ) -> Result<ServiceResponse<EitherBody<B>>, Error>

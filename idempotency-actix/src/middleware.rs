@@ -1,7 +1,6 @@
 //! The app-level middleware: registered once with `App::wrap`.
 
 use std::{
-    cell::{Cell, RefCell},
     future::{ready, Ready},
     pin::Pin,
     rc::Rc,
@@ -195,14 +194,10 @@ where
         if is_safe(req.method()) {
             return Routed::PassThrough(self.service.call(req));
         }
-        let slot = Rc::new(RouteSlot {
-            config: Arc::clone(&self.config),
-            decision: Cell::new(Decision::Pending),
-            held_payload: RefCell::new(None),
-        });
+        let slot = Rc::new(RouteSlot::new(Arc::clone(&self.config)));
         req.extensions_mut().insert(Rc::clone(&slot));
-        let default = match self.config.mode {
-            Mode::Enforce => Some(self.prepare_default(&mut req, &slot)),
+        let feed = match self.config.mode {
+            Mode::Enforce => self.prepare_default(&mut req, &slot),
             Mode::Exempt => None,
         };
         // Routing runs synchronously inside this call: a marker on the matched route has
@@ -212,39 +207,34 @@ where
             return Routed::PassThrough(routed);
         }
         slot.decision.set(Decision::DefaultApplied);
-        match default {
-            None => Routed::PassThrough(routed),
-            Some((facts, feed)) => {
-                let payload = slot
-                    .held_payload
-                    .borrow_mut()
-                    .take()
-                    .unwrap_or(Payload::None);
-                let config = Arc::clone(&self.config);
-                Routed::Keyed(Box::pin(async move {
-                    match flow::start(&config, KeyedPolicy::Required, None, facts, payload).await {
-                        // The routed request is out of reach now: the answer travels as an
-                        // error carrying the complete response, and the handler never runs.
-                        Start::Respond(response) => {
-                            drop(routed);
-                            Err(InternalError::from_response("idempotency", response).into())
-                        }
-                        Start::Proceed {
-                            payload, pending, ..
-                        } => {
-                            // The receiver only goes away with the routed request itself.
-                            if let Some(feed) = feed {
-                                let _ = feed.send(payload);
-                            }
-                            match pending {
-                                Some(pending) => pending.run_to_completion(routed).await,
-                                None => routed.await.map(ServiceResponse::map_into_left_body),
-                            }
-                        }
+        let Some(facts) = slot.facts.borrow_mut().take() else {
+            return Routed::PassThrough(routed);
+        };
+        let payload = slot
+            .held_payload
+            .borrow_mut()
+            .take()
+            .unwrap_or(Payload::None);
+        let config = Arc::clone(&self.config);
+        Routed::Keyed(Box::pin(async move {
+            match flow::start(&config, KeyedPolicy::Required, None, facts, payload).await {
+                // The routed request is out of reach now: the answer travels as an error
+                // carrying the complete response, and the handler never runs.
+                Start::Respond(response) => {
+                    drop(routed);
+                    Err(InternalError::from_response("idempotency", response).into())
+                }
+                Start::Proceed {
+                    payload, pending, ..
+                } => {
+                    // The receiver only goes away with the routed request itself.
+                    if let Some(feed) = feed {
+                        let _ = feed.send(payload);
                     }
-                }))
+                    flow::run_handler(pending, routed).await
+                }
             }
-        }
+        }))
     }
 }
 
@@ -259,15 +249,17 @@ impl<S> InnerIdempotencyMiddleware<S> {
         &self,
         req: &mut ServiceRequest,
         slot: &RouteSlot,
-    ) -> (RequestFacts, Option<oneshot::Sender<Payload>>) {
+    ) -> Option<oneshot::Sender<Payload>> {
         let facts = RequestFacts::capture(req, &self.config);
-        if !matches!(facts.key, Ok(Some(_))) {
-            return (facts, None);
+        let keyed = matches!(facts.key, Ok(Some(_)));
+        *slot.facts.borrow_mut() = Some(facts);
+        if !keyed {
+            return None;
         }
         *slot.held_payload.borrow_mut() = Some(req.take_payload());
         let (feed, stand_in) = stand_in_payload();
         req.set_payload(stand_in);
-        (facts, Some(feed))
+        Some(feed)
     }
 }
 

@@ -202,7 +202,8 @@ where
             PolicyKind::Manual => KeyedPolicy::Manual,
         };
         let config = Arc::clone(&slot.config);
-        let facts = RequestFacts::capture(&req, &config);
+        let captured = slot.facts.borrow_mut().take();
+        let facts = captured.unwrap_or_else(|| RequestFacts::capture(&req, &config));
         let service = Rc::clone(&self.service);
         let store = self.policy.store.clone();
         Either::Right(Box::pin(async move {
@@ -218,11 +219,7 @@ where
                     if let Some(manual) = manual {
                         req.extensions_mut().insert(manual);
                     }
-                    let result = service.call(req);
-                    match pending {
-                        Some(pending) => pending.run_to_completion(result).await,
-                        None => result.await.map(ServiceResponse::map_into_left_body),
-                    }
+                    flow::run_handler(pending, service.call(req)).await
                 }
             }
         }))
