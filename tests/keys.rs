@@ -1,18 +1,27 @@
 //! Key validation and header handling, seen from a client.
 
-use actix_web::{http::StatusCode, test, web, App, HttpResponse};
+use actix_web::{
+    body::MessageBody,
+    dev::{Service, ServiceResponse},
+    http::StatusCode,
+    test, web, App, HttpResponse,
+};
 use idempotency_actix::{
     IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyPolicy, MemoryStore,
 };
 use idempotency_actix_workspace::{respond, Received, Runs};
 
-async fn send(
+/// An app with one route that requires a key and counts its runs.
+async fn pay_app(
     builder: IdempotencyMiddlewareBuilder,
     runs: &Runs,
-    request: test::TestRequest,
-) -> Received {
+) -> impl Service<
+    actix_http::Request,
+    Response = ServiceResponse<impl MessageBody>,
+    Error = actix_web::Error,
+> {
     let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
-    let app = test::init_service(
+    test::init_service(
         App::new()
             .wrap(middleware)
             .app_data(web::Data::new(runs.clone()))
@@ -24,8 +33,15 @@ async fn send(
                     })),
             ),
     )
-    .await;
-    respond(&app, request.to_request()).await
+    .await
+}
+
+async fn send(
+    builder: IdempotencyMiddlewareBuilder,
+    runs: &Runs,
+    request: test::TestRequest,
+) -> Received {
+    respond(&pay_app(builder, runs).await, request.to_request()).await
 }
 
 fn builder() -> IdempotencyMiddlewareBuilder {
@@ -121,20 +137,7 @@ async fn unterminated_structured_field_string_is_refused() {
 #[actix_rt::test]
 async fn quoted_and_bare_forms_name_the_same_operation() {
     let runs = Runs::default();
-    let middleware = builder().build().unwrap_or_else(|e| panic!("config: {e}"));
-    let app = test::init_service(
-        App::new()
-            .wrap(middleware)
-            .app_data(web::Data::new(runs.clone()))
-            .service(
-                web::resource("/pay")
-                    .wrap(IdempotencyPolicy::required())
-                    .route(web::post().to(|runs: web::Data<Runs>| async move {
-                        HttpResponse::Created().body(runs.record().to_string())
-                    })),
-            ),
-    )
-    .await;
+    let app = pay_app(builder(), &runs).await;
     let bare = respond(
         &app,
         pay().insert_header(("Idempotency-Key", "abc")).to_request(),

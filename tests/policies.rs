@@ -479,12 +479,14 @@ async fn a_cancelled_request_still_completes_and_its_retry_gets_the_replay() {
         App::new()
             .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
             .app_data(web::Data::new(runs.clone()))
-            .service(web::resource("/slow").wrap(IdempotencyPolicy::required()).route(web::post().to(
-                |runs: web::Data<Runs>| async move {
-                    actix_rt::time::sleep(Duration::from_millis(100)).await;
-                    HttpResponse::Created().body(runs.record().to_string())
-                },
-            ))),
+            .service(
+                web::resource("/slow")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(|runs: web::Data<Runs>| async move {
+                        actix_rt::time::sleep(Duration::from_millis(100)).await;
+                        HttpResponse::Created().body(runs.record().to_string())
+                    })),
+            ),
     )
     .await;
     // An outer timeout (or a reset HTTP/2 stream) drops the request's future mid-handler.
@@ -496,7 +498,10 @@ async fn a_cancelled_request_still_completes_and_its_retry_gets_the_replay() {
     assert!(cancelled.is_err(), "the first attempt must be cut off");
     actix_rt::time::sleep(Duration::from_millis(200)).await;
     let retry = respond(&app, keyed("/slow", "k").to_request()).await;
-    assert!(retry.is_replay(), "the handler ran to completion and its response was stored");
+    assert!(
+        retry.is_replay(),
+        "the handler ran to completion and its response was stored"
+    );
     assert_eq!(retry.body, "1");
     assert_eq!(runs.count(), 1);
 }

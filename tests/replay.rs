@@ -394,6 +394,14 @@ async fn telemetry_headers_are_added_when_enabled() {
             .is_some_and(|s| s > 1.7e9),
         "{start:?}"
     );
+    // Also on the answers the enforce-mode default gives unannotated handlers.
+    let refused = idempotency_actix_workspace::respond(
+        &app,
+        test::TestRequest::post().uri("/notes").to_request(),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.header("x-request-duration-ms").is_some());
     let without = app_without_telemetry(&runs).await;
     let plain = test::call_service(&without, keyed("/orders", "k2", "{}").to_request()).await;
     assert!(plain.headers().get("x-request-duration-ms").is_none());

@@ -158,17 +158,17 @@ where
     forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
+        let telemetry = self.config.telemetry.then(Telemetry::start);
         let untouched: Either<MapOk<S::Future, MapIntoLeft<B>>, BoxedResponse<B>> =
-            match self.route(req) {
+            match self.route(req, telemetry) {
                 Routed::PassThrough(future) => {
                     Either::Left(future.map_ok(ServiceResponse::map_into_left_body))
                 }
                 Routed::Keyed(future) => Either::Right(future),
             };
-        if !self.config.telemetry {
+        let Some(started) = telemetry else {
             return untouched;
-        }
-        let started = Telemetry::start();
+        };
         Either::Right(Box::pin(async move {
             untouched.await.map(|mut response| {
                 started.stamp(response.headers_mut());
@@ -190,7 +190,7 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
     B: MessageBody + 'static,
 {
-    fn route(&self, mut req: ServiceRequest) -> Routed<S::Future, B> {
+    fn route(&self, mut req: ServiceRequest, telemetry: Option<Telemetry>) -> Routed<S::Future, B> {
         if is_safe(req.method()) {
             return Routed::PassThrough(self.service.call(req));
         }
@@ -220,8 +220,11 @@ where
             match flow::start(&config, KeyedPolicy::Required, None, facts, payload).await {
                 // The routed request is out of reach now: the answer travels as an error
                 // carrying the complete response, and the handler never runs.
-                Start::Respond(response) => {
+                Start::Respond(mut response) => {
                     drop(routed);
+                    if let Some(telemetry) = telemetry {
+                        telemetry.stamp(response.headers_mut());
+                    }
                     Err(InternalError::from_response("idempotency", response).into())
                 }
                 Start::Proceed {
@@ -275,6 +278,7 @@ fn stand_in_payload() -> (oneshot::Sender<Payload>, Payload) {
 }
 
 /// The Python fork's `TELEMETRY` headers.
+#[derive(Debug, Clone, Copy)]
 struct Telemetry {
     started: Instant,
     started_at: SystemTime,
