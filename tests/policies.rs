@@ -505,3 +505,42 @@ async fn a_cancelled_request_still_completes_and_its_retry_gets_the_replay() {
     assert_eq!(retry.body, "1");
     assert_eq!(runs.count(), 1);
 }
+
+#[actix_rt::test]
+async fn non_standard_methods_are_unsafe_and_need_a_key_in_enforce_mode() {
+    let runs = Runs::default();
+    let propfind =
+        actix_web::http::Method::from_bytes(b"PROPFIND").unwrap_or_else(|e| panic!("{e}"));
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .app_data(web::Data::new(runs.clone()))
+            .route(
+                "/dav",
+                web::method(propfind.clone()).to(|runs: web::Data<Runs>| async move {
+                    HttpResponse::MultiStatus().body(runs.record().to_string())
+                }),
+            ),
+    )
+    .await;
+    let without_key = test::TestRequest::default()
+        .method(propfind.clone())
+        .uri("/dav");
+    assert_eq!(
+        respond(&app, without_key.to_request()).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let keyed_request = || {
+        test::TestRequest::default()
+            .method(propfind.clone())
+            .uri("/dav")
+            .insert_header(("Idempotency-Key", "d"))
+            .to_request()
+    };
+    assert_eq!(
+        respond(&app, keyed_request()).await.status,
+        StatusCode::MULTI_STATUS
+    );
+    assert!(respond(&app, keyed_request()).await.is_replay());
+    assert_eq!(runs.count(), 1);
+}

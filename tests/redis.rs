@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
 use futures_util::future::join_all;
 use idempotency_actix::{
-    idempotent, IdempotencyMiddleware, RedisStore, StoreOutage, REPLAYED_HEADER,
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, RedisStore,
+    StoreOutage, REPLAYED_HEADER,
 };
 use idempotency_actix_workspace::{
     redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
@@ -34,10 +35,13 @@ fn store(url: &str, prefix: &str) -> RedisStore {
 }
 
 fn instance(url: &str, prefix: &str, runs: &Runs) -> TestServer {
-    let middleware = IdempotencyMiddleware::builder(store(url, prefix))
-        .lock_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_else(|e| panic!("config: {e}"));
+    let builder =
+        IdempotencyMiddleware::builder(store(url, prefix)).lock_timeout(Duration::from_secs(5));
+    instance_with(builder, runs)
+}
+
+fn instance_with(builder: IdempotencyMiddlewareBuilder, runs: &Runs) -> TestServer {
+    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
     let runs = runs.clone();
     TestServer::start(2, move || {
         App::new()
@@ -139,6 +143,39 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
         assert_eq!(replay.order, firsts[0].1.order);
         assert_eq!(replay.status, 201);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_spans_instances_with_its_timeout_status() {
+    let Some(url) = redis_url_or_skip("the_lock_spans_instances_with_its_timeout_status").await
+    else {
+        return;
+    };
+    let prefix = unique_prefix("lock-across");
+    let runs = Runs::default();
+    let locked = |url: &str| {
+        IdempotencyMiddleware::builder(store(url, &prefix))
+            .lock_timeout(Duration::from_millis(50))
+            .lock_timeout_status(InFlightStatus::Locked)
+    };
+    let (first, second) = (
+        instance_with(locked(&url), &runs),
+        instance_with(locked(&url), &runs),
+    );
+    let client = reqwest::Client::new();
+    let running = tokio::spawn({
+        let (client, url) = (client.clone(), first.url("/orders"));
+        async move { post(&client, &url, "k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let duplicate = post(&client, &second.url("/orders"), "k").await;
+    assert_eq!(duplicate.status, 423, "{duplicate:?}");
+    assert!(duplicate.body.contains("#locked"));
+    let original = running.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((original.status, original.replayed), (201, false));
+    let later = post(&client, &second.url("/orders"), "k").await;
+    assert!(later.replayed);
+    assert_eq!(runs.count(), 1);
 }
 
 #[actix_rt::test]
