@@ -11,7 +11,8 @@ use actix_web::{
 };
 use serde::Serialize;
 
-/// The base of every problem `type` URI this crate produces.
+/// The base of every problem `type` URI this crate produces: the [`problems`](crate::problems)
+/// page of this crate's documentation.
 ///
 /// Each variant of [`IdempotencyError`] appends a stable slug to it; clients may match on the
 /// full URI.
@@ -254,5 +255,39 @@ mod tests {
         };
         assert_eq!(locked.slug(), "locked");
         assert_eq!(locked.error_response().status(), StatusCode::LOCKED);
+    }
+
+    #[test]
+    fn every_problem_type_is_documented_on_the_problems_page() {
+        let page = include_str!("problems.rs");
+        let conflict = |status| IdempotencyError::InFlight {
+            status,
+            retry_after: Duration::from_secs(1),
+        };
+        let all = [
+            IdempotencyError::MissingKey {
+                header: "k".to_owned(),
+            },
+            IdempotencyError::InvalidKey {
+                header: "k".to_owned(),
+                reason: "r",
+            },
+            IdempotencyError::PayloadMismatch,
+            conflict(StatusCode::CONFLICT),
+            conflict(StatusCode::LOCKED),
+            IdempotencyError::BodyTooLarge { limit: 1 },
+            IdempotencyError::BodyUnreadable,
+            IdempotencyError::ResponseNotReplayable,
+            IdempotencyError::StoreUnavailable,
+            IdempotencyError::Misconfigured("m"),
+        ];
+        for error in all {
+            let heading = format!("//! # {}\n", error.slug());
+            assert!(
+                page.contains(&heading),
+                "problems.rs lacks a section for {}",
+                error.slug()
+            );
+        }
     }
 }

@@ -124,6 +124,7 @@ mod key;
 mod manual;
 mod middleware;
 mod policy;
+pub mod problems;
 mod replay;
 pub mod storage;
 
