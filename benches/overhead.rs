@@ -17,9 +17,10 @@ use actix_web::{
     middleware::Condition,
     test, web, App, HttpResponse,
 };
-use idempotency_actix::{IdempotencyMiddleware, IdempotencyPolicy, MemoryStore};
+use idempotency_actix::{IdempotencyMiddleware, IdempotencyPolicy, MemoryStore, RedisStore};
 
 const ROUNDS: usize = 15;
+const REDIS_ROUNDS: usize = 3;
 const REQUESTS_PER_ROUND: u32 = 20_000;
 
 /// The same routes with their policies (`marked`) or without (the `Condition` wrapper, which
@@ -104,38 +105,82 @@ fn median(mut samples: Vec<Duration>) -> f64 {
 fn main() {
     let system = actix_rt::System::new();
     system.block_on(async {
-        // Fresh keys need a store large enough to keep every record of the run.
-        let middleware = IdempotencyMiddleware::new(MemoryStore::default());
-        let with = test::init_service(App::new().wrap(middleware).configure(routes(true))).await;
         let bare = test::init_service(App::new().configure(routes(false))).await;
+        // Fresh keys need a store large enough to keep every record of the run.
+        let in_memory = IdempotencyMiddleware::new(MemoryStore::default());
+        let with = test::init_service(App::new().wrap(in_memory).configure(routes(true))).await;
 
         println!(
             "{:<38} {:>12} {:>12} {:>7}",
             "request", "without ns", "with ns", "ratio"
         );
-        let cases: [(&str, Request, Request); 5] = [
-            ("GET (safe method)", get, get),
-            ("POST to an exempt route", exempt_post, exempt_post),
-            ("POST replayed (same key)", replayed_post, replayed_post),
-            ("POST fresh key, #[idempotent]", fresh_post, fresh_post),
+        let cases: [(&str, Request); 5] = [
+            ("GET (safe method)", get),
+            ("POST to an exempt route", exempt_post),
+            ("POST replayed (same key)", replayed_post),
+            ("POST fresh key, #[idempotent]", fresh_post),
             (
                 "POST fresh key, unannotated (enforce)",
                 fresh_unannotated_post,
-                fresh_unannotated_post,
             ),
         ];
-        for (name, without_request, with_request) in cases {
-            let (mut without, mut with_mw) = (Vec::new(), Vec::new());
-            for r in 0..ROUNDS {
-                let offset = (r as u32) * REQUESTS_PER_ROUND;
-                without.push(round(&bare, without_request, offset).await);
-                with_mw.push(round(&with, with_request, offset).await);
-            }
-            let (without, with_mw) = (median(without), median(with_mw));
-            println!(
-                "{name:<38} {without:>12.0} {with_mw:>12.0} {:>7.2}",
-                with_mw / without
-            );
+        for (name, request) in cases {
+            compare(name, &bare, &with, request, ROUNDS).await;
         }
+
+        // The keyed cases on Redis, when one answers: each request then pays its round trips.
+        let url = std::env::var("IDEMPOTENCY_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        if !idempotency_actix_workspace::redis_answers(&url).await {
+            println!("(no Redis at {url}: the Redis cases are skipped)");
+            return;
+        }
+        let store = RedisStore::builder(&url)
+            .key_prefix(idempotency_actix_workspace::unique_prefix("bench"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"));
+        let on_redis = test::init_service(
+            App::new()
+                .wrap(IdempotencyMiddleware::new(store))
+                .configure(routes(true)),
+        )
+        .await;
+        compare(
+            "POST replayed, Redis store",
+            &bare,
+            &on_redis,
+            replayed_post,
+            REDIS_ROUNDS,
+        )
+        .await;
+        compare(
+            "POST fresh key, Redis store",
+            &bare,
+            &on_redis,
+            fresh_post,
+            REDIS_ROUNDS,
+        )
+        .await;
     });
+}
+
+/// Runs `rounds` interleaved rounds of `request` against both apps and prints the medians.
+async fn compare<S1, S2, B1, B2>(name: &str, bare: &S1, with: &S2, request: Request, rounds: usize)
+where
+    S1: Service<actix_http::Request, Response = ServiceResponse<B1>, Error = actix_web::Error>,
+    S2: Service<actix_http::Request, Response = ServiceResponse<B2>, Error = actix_web::Error>,
+    B1: MessageBody,
+    B2: MessageBody,
+{
+    let (mut without, mut with_middleware) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let offset = (r as u32) * REQUESTS_PER_ROUND;
+        without.push(round(bare, request, offset).await);
+        with_middleware.push(round(with, request, offset).await);
+    }
+    let (without, with_middleware) = (median(without), median(with_middleware));
+    println!(
+        "{name:<38} {without:>12.0} {with_middleware:>12.0} {:>7.2}",
+        with_middleware / without
+    );
 }
