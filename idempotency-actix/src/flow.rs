@@ -23,8 +23,9 @@ use crate::{
     storage::{
         CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
     },
-    Fingerprint, IdempotencyError,
+    Fingerprint, IdempotencyError, IdempotencyKey, StoreError,
 };
+use bytes::Bytes;
 
 /// How soon a waiting duplicate looks again: quickly at first, then backing off so that many
 /// waiting duplicates do not hammer a shared store.
@@ -87,95 +88,141 @@ pub(crate) async fn start(
         log::error!("idempotency: no store is registered under the name {store_name:?}");
         return refuse(IdempotencyError::Misconfigured("unknown store name"));
     };
-    let limit = config.request_body_limit;
-    if facts
-        .content_length
-        .is_some_and(|length| length > limit as u64)
-    {
-        return refuse(IdempotencyError::BodyTooLarge { limit });
-    }
-    let body = match read_request_body(payload, limit).await {
+    let body = match read_body(config, facts.content_length, payload).await {
         Ok(body) => body,
-        Err(RequestBodyError::TooLarge) => return refuse(IdempotencyError::BodyTooLarge { limit }),
-        Err(RequestBodyError::Unreadable) => return refuse(IdempotencyError::BodyUnreadable),
+        Err(error) => return refuse(error),
     };
-    let fingerprint = config
-        .fingerprinter
-        .fingerprint(facts.content_type.as_deref(), &body);
-    let storage_key = config.encoder.encode(
-        &KeyParts::new(&key, &facts.method, &facts.path, &body)
-            .scope(facts.scope.as_deref())
-            .authorization(facts.authorization.as_ref().map(|v| v.as_bytes())),
-    );
-    let manual = policy == KeyedPolicy::Manual;
-    let give_up_at = Instant::now() + config.lock_wait;
-    let mut wait = FIRST_WAIT;
-    loop {
-        let reservation = store
-            .reserve(&storage_key, fingerprint, config.reservation_lease)
-            .await;
-        match reservation {
-            Ok(Reservation::Acquired(token)) => {
-                return Start::Proceed {
-                    payload: Payload::from(body),
-                    pending: Some(PendingRecord::new(
-                        config,
-                        store,
-                        storage_key,
-                        token,
-                        fingerprint,
-                    )),
-                    manual: manual.then(|| ManualIdempotency::new(key, false, true, None)),
-                };
+    let operation = Operation {
+        fingerprint: config
+            .fingerprinter
+            .fingerprint(facts.content_type.as_deref(), &body),
+        storage_key: config.encoder.encode(
+            &KeyParts::new(&key, &facts.method, &facts.path, &body)
+                .scope(facts.scope.as_deref())
+                .authorization(facts.authorization.as_ref().map(|v| v.as_bytes())),
+        ),
+        key,
+        body,
+        store,
+        manual: policy == KeyedPolicy::Manual,
+    };
+    operation.settle(config).await
+}
+
+/// Buffers a keyed request's body, refusing one over the limit before reading it if its
+/// `Content-Length` says so.
+async fn read_body(
+    config: &Config,
+    content_length: Option<u64>,
+    payload: Payload,
+) -> Result<Bytes, IdempotencyError> {
+    let limit = config.request_body_limit;
+    let too_large = IdempotencyError::BodyTooLarge { limit };
+    if content_length.is_some_and(|length| length > limit as u64) {
+        return Err(too_large);
+    }
+    read_request_body(payload, limit)
+        .await
+        .map_err(|error| match error {
+            RequestBodyError::TooLarge => too_large,
+            RequestBodyError::Unreadable => IdempotencyError::BodyUnreadable,
+        })
+}
+
+/// One keyed request, identified: what it is stored under and what it asked for.
+struct Operation {
+    key: IdempotencyKey,
+    storage_key: String,
+    fingerprint: Fingerprint,
+    body: Bytes,
+    store: Arc<dyn DynStore>,
+    manual: bool,
+}
+
+impl Operation {
+    /// Reserves the key, or answers from its record; a duplicate of a running request waits
+    /// for its record up to the lock timeout.
+    async fn settle(self, config: &Arc<Config>) -> Start {
+        let give_up_at = Instant::now() + config.lock_wait;
+        let mut wait = FIRST_WAIT;
+        loop {
+            let reservation = self
+                .store
+                .reserve(
+                    &self.storage_key,
+                    self.fingerprint,
+                    config.reservation_lease,
+                )
+                .await;
+            let in_flight_fingerprint = match reservation {
+                Ok(Reservation::InFlight { fingerprint, .. }) => fingerprint,
+                Ok(Reservation::Acquired(token)) => return self.run_reserved(config, token),
+                Ok(Reservation::Completed(record)) => return self.answer_from(&record, config),
+                Err(error) => return self.store_unavailable(config, &error),
+            };
+            if in_flight_fingerprint != self.fingerprint && !self.manual {
+                return refuse(IdempotencyError::PayloadMismatch);
             }
-            Ok(Reservation::Completed(record)) if manual => {
-                let prior = record.response.as_ref().map(PriorResponse::from_stored);
-                let matches = record.fingerprint == fingerprint;
-                return Start::Proceed {
-                    payload: Payload::from(body),
+            let now = Instant::now();
+            if now >= give_up_at {
+                return refuse(IdempotencyError::InFlight {
+                    status: config.in_flight_status,
+                    retry_after: RETRY_AFTER,
+                });
+            }
+            tokio::time::sleep(wait.min(give_up_at - now)).await;
+            wait = (wait * 2).min(LONGEST_WAIT);
+        }
+    }
+
+    fn run_reserved(self, config: &Arc<Config>, token: ReservationToken) -> Start {
+        let manual = self
+            .manual
+            .then(|| ManualIdempotency::new(self.key, false, true, None));
+        let pending = PendingRecord::new(
+            config,
+            self.store,
+            self.storage_key,
+            token,
+            self.fingerprint,
+        );
+        Start::Proceed {
+            payload: Payload::from(self.body),
+            pending: Some(pending),
+            manual,
+        }
+    }
+
+    fn answer_from(self, record: &CompletedRecord, config: &Config) -> Start {
+        let matches = record.fingerprint == self.fingerprint;
+        if self.manual {
+            let prior = record.response.as_ref().map(PriorResponse::from_stored);
+            return Start::Proceed {
+                payload: Payload::from(self.body),
+                pending: None,
+                manual: Some(ManualIdempotency::new(self.key, true, matches, prior)),
+            };
+        }
+        match (&record.response, matches) {
+            (_, false) => refuse(IdempotencyError::PayloadMismatch),
+            (Some(stored), true) => Start::Respond(replay_response(stored, config.replay_status)),
+            (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
+        }
+    }
+
+    fn store_unavailable(self, config: &Config, error: &StoreError) -> Start {
+        log::error!("idempotency: store unavailable while reserving a key: {error}");
+        match config.store_outage {
+            StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
+            StoreOutage::FailOpen => {
+                log::warn!("idempotency: running the handler unprotected (fail-open)");
+                Start::Proceed {
+                    payload: Payload::from(self.body),
                     pending: None,
-                    manual: Some(ManualIdempotency::new(key, true, matches, prior)),
-                };
-            }
-            Ok(Reservation::Completed(record)) => {
-                return match (&record.response, record.fingerprint == fingerprint) {
-                    (_, false) => refuse(IdempotencyError::PayloadMismatch),
-                    (Some(stored), true) => {
-                        Start::Respond(replay_response(stored, config.replay_status))
-                    }
-                    (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
-                };
-            }
-            Ok(Reservation::InFlight {
-                fingerprint: theirs,
-                ..
-            }) => {
-                if theirs != fingerprint && !manual {
-                    return refuse(IdempotencyError::PayloadMismatch);
+                    manual: self
+                        .manual
+                        .then(|| ManualIdempotency::new(self.key, false, true, None)),
                 }
-                let now = Instant::now();
-                if now >= give_up_at {
-                    return refuse(IdempotencyError::InFlight {
-                        status: config.in_flight_status,
-                        retry_after: RETRY_AFTER,
-                    });
-                }
-                tokio::time::sleep(wait.min(give_up_at - now)).await;
-                wait = (wait * 2).min(LONGEST_WAIT);
-            }
-            Err(error) => {
-                log::error!("idempotency: store unavailable while reserving a key: {error}");
-                return match config.store_outage {
-                    StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
-                    StoreOutage::FailOpen => {
-                        log::warn!("idempotency: running the handler unprotected (fail-open)");
-                        Start::Proceed {
-                            payload: Payload::from(body),
-                            pending: None,
-                            manual: manual.then(|| ManualIdempotency::new(key, false, true, None)),
-                        }
-                    }
-                };
             }
         }
     }
