@@ -167,31 +167,10 @@ where
         if is_safe(req.method()) {
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
-        let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
-        let slot = match slot {
-            Some(slot) if slot.decision.get() == Decision::Pending => slot,
-            Some(_) => {
-                log::error!(
-                    "idempotency: the route policy of {} {} was reached after IdempotencyMiddleware \
-                     had already applied its default: a middleware between them defers routing \
-                     (from_fn, actix-session, httpauth...). Register IdempotencyMiddleware after it \
-                     so that it runs innermost.",
-                    req.method(),
-                    req.path()
-                );
-                return misconfigured(req, "a middleware that defers routing runs between IdempotencyMiddleware and this route");
-            }
-            None => {
-                log::error!(
-                    "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
-                     registered on the app (App::wrap)",
-                    req.method(),
-                    req.path()
-                );
-                return misconfigured(req, "IdempotencyMiddleware is not registered on the app");
-            }
+        let slot = match claim(&req) {
+            Ok(slot) => slot,
+            Err(why) => return misconfigured(req, why),
         };
-        slot.decision.set(Decision::ClaimedByRoute);
         if let Some(payload) = slot.held_payload.borrow_mut().take() {
             req.set_payload(payload);
         }
@@ -223,6 +202,37 @@ where
                 }
             }
         }))
+    }
+}
+
+/// Claims the request's slot for this route, or says (and logs) why the setup is wrong.
+fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
+    let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
+    match slot {
+        Some(slot) if slot.decision.get() == Decision::Pending => {
+            slot.decision.set(Decision::ClaimedByRoute);
+            Ok(slot)
+        }
+        Some(_) => {
+            log::error!(
+                "idempotency: the route policy of {} {} was reached after IdempotencyMiddleware \
+                 had already applied its default: a middleware between them defers routing \
+                 (from_fn, actix-session, httpauth...). Register IdempotencyMiddleware before it \
+                 (App::new().wrap(idempotency).wrap(other)) so that it runs innermost.",
+                req.method(),
+                req.path()
+            );
+            Err("a middleware that defers routing runs between IdempotencyMiddleware and this route")
+        }
+        None => {
+            log::error!(
+                "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
+                 registered on the app (App::wrap)",
+                req.method(),
+                req.path()
+            );
+            Err("IdempotencyMiddleware is not registered on the app")
+        }
     }
 }
 
