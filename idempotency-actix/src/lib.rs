@@ -149,3 +149,8 @@ pub use storage::{RedisStore, RedisStoreBuilder};
 pub mod __private {
     pub use crate::policy::IdempotencyPolicy;
 }
+
+/// Compiles the README's Rust examples, so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
