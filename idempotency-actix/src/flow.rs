@@ -27,8 +27,8 @@ use crate::{
 };
 use bytes::Bytes;
 
-/// How soon a waiting duplicate looks again: quickly at first, then backing off so that many
-/// waiting duplicates do not hammer a shared store.
+/// How soon a waiting duplicate looks again (unless its store signals a change sooner):
+/// quickly at first, then backing off so that many waiting duplicates do not hammer a store.
 const FIRST_WAIT: Duration = Duration::from_millis(5);
 const LONGEST_WAIT: Duration = Duration::from_millis(50);
 /// What in-flight refusals suggest in `Retry-After`.
@@ -170,7 +170,9 @@ impl Operation {
                     retry_after: RETRY_AFTER,
                 });
             }
-            tokio::time::sleep(wait.min(give_up_at - now)).await;
+            self.store
+                .wait_for_change(&self.storage_key, wait.min(give_up_at - now))
+                .await;
             wait = (wait * 2).min(LONGEST_WAIT);
         }
     }

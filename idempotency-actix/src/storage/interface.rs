@@ -43,6 +43,16 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// Waits until the reservation on `key` may have been completed or freed, for at most
+    /// `within`; a duplicate request then looks again with [`reserve`](Self::reserve).
+    ///
+    /// The default sleeps for `within` (polling). A store that can signal completion should
+    /// return as soon as it happens.
+    fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
+        let _ = key;
+        tokio::time::sleep(within)
+    }
 }
 
 /// Object-safe twin of [`IdempotencyStore`], so one middleware can hold stores of several types.
@@ -67,6 +77,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         key: &'a str,
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>>;
+
+    fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()>;
 }
 
 impl<S: IdempotencyStore> DynStore for S {
@@ -95,5 +107,9 @@ impl<S: IdempotencyStore> DynStore for S {
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>> {
         Box::pin(IdempotencyStore::release(self, key, token))
+    }
+
+    fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
+        Box::pin(IdempotencyStore::wait_for_change(self, key, within))
     }
 }

@@ -14,6 +14,7 @@ use moka::{
     sync::Cache,
     Expiry,
 };
+use tokio::sync::Notify;
 
 use super::{CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
@@ -25,6 +26,8 @@ enum Slot {
         token: ReservationToken,
         fingerprint: Fingerprint,
         expires_at: Instant,
+        /// Wakes the duplicates waiting for this reservation to end.
+        ended: Arc<Notify>,
     },
     Completed {
         record: Arc<CompletedRecord>,
@@ -121,6 +124,7 @@ impl MemoryStore {
                     token,
                     fingerprint,
                     expires_at: now + lease,
+                    ended: Arc::new(Notify::new()),
                 }),
             });
         match result {
@@ -151,31 +155,48 @@ impl MemoryStore {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Completion {
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(Slot::InFlight { token: owner, .. }) if owner == token => {
-                    Op::Put(Slot::Completed {
-                        record: Arc::new(record),
-                        ttl,
-                    })
-                }
-                _ => Op::Nop,
-            });
-        match result {
-            CompResult::ReplacedWith(_) => Completion::Stored,
-            _ => Completion::LostReservation,
+        let record = Arc::new(record);
+        let ended = self.end_reservation(key, token, Op::Put(Slot::Completed { record, ttl }));
+        if ended {
+            Completion::Stored
+        } else {
+            Completion::LostReservation
         }
     }
 
-    fn release_now(&self, key: &str, token: ReservationToken) {
+    /// Applies `op` to `key` if `token` still holds its reservation, and wakes its waiters.
+    fn end_reservation(&self, key: &str, token: ReservationToken, op: Op<Slot>) -> bool {
+        let mut waiters = None;
         self.cache
             .entry(key.to_owned())
             .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(Slot::InFlight { token: owner, .. }) if owner == token => Op::Remove,
+                Some(Slot::InFlight {
+                    token: owner,
+                    ended,
+                    ..
+                }) if owner == token => {
+                    waiters = Some(ended);
+                    op
+                }
                 _ => Op::Nop,
             });
+        match waiters {
+            Some(ended) => {
+                ended.notify_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn wait_for_end(&self, key: &str, within: Duration) {
+        let ended = match self.cache.get(key) {
+            Some(Slot::InFlight { ended, .. }) => ended,
+            _ => return,
+        };
+        // Registered on creation: a notification between the lookup and the await is not lost.
+        let notified = ended.notified();
+        let _ = tokio::time::timeout(within, notified).await;
     }
 }
 
@@ -204,8 +225,12 @@ impl IdempotencyStore for MemoryStore {
         key: &str,
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
-        self.release_now(key, token);
+        self.end_reservation(key, token, Op::Remove);
         ready(Ok(()))
+    }
+
+    fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
+        self.wait_for_end(key, within)
     }
 }
 
@@ -257,5 +282,44 @@ mod tests {
     #[actix_rt::test]
     async fn memory_store_keeps_the_store_contract() {
         conformance::run_all(MemoryStore::default).await;
+    }
+
+    /// Waiters are woken by the end of the reservation, not by their own deadline: the
+    /// deadlines here are far longer than the test allows.
+    #[actix_rt::test]
+    async fn waiters_wake_when_the_reservation_completes_or_is_freed() {
+        let store = MemoryStore::default();
+        let lease = Duration::from_secs(30);
+        for complete in [true, false] {
+            let key = format!("k-{complete}");
+            let Ok(Reservation::Acquired(token)) =
+                store.reserve_now(&key, Fingerprint([1; 32]), lease)
+            else {
+                panic!("expected to acquire");
+            };
+            let waiter = {
+                let (store, key) = (store.clone(), key.clone());
+                actix_rt::spawn(
+                    async move { store.wait_for_end(&key, Duration::from_secs(60)).await },
+                )
+            };
+            actix_rt::task::yield_now().await;
+            if complete {
+                let record = CompletedRecord::new(Fingerprint([1; 32]), None);
+                assert_eq!(
+                    store.complete_now(&key, token, record, lease * 2),
+                    Completion::Stored
+                );
+            } else {
+                IdempotencyStore::release(&store, &key, token)
+                    .await
+                    .unwrap_or_default();
+            }
+            let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert!(
+                woken.is_ok(),
+                "the waiter must be woken when the reservation ends"
+            );
+        }
     }
 }
