@@ -272,3 +272,37 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// Sends `body` as `application/json` to `url` over a real connection with the idempotency key
+/// `key`, and returns what the client received.
+pub async fn post_keyed(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &'static str,
+) -> Received {
+    let response = client
+        .post(url)
+        .header("Idempotency-Key", key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    let status = actix_web::http::StatusCode::from_u16(response.status().as_u16())
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = actix_web::http::header::HeaderMap::new();
+    for (name, value) in response.headers() {
+        let name = actix_web::http::header::HeaderName::from_bytes(name.as_str().as_bytes());
+        let value = actix_web::http::header::HeaderValue::from_bytes(value.as_bytes());
+        if let (Ok(name), Ok(value)) = (name, value) {
+            headers.append(name, value);
+        }
+    }
+    let body = response.bytes().await.unwrap_or_default();
+    Received {
+        status,
+        headers,
+        body,
+    }
+}

@@ -6,9 +6,8 @@ use actix_web::{http::StatusCode, post, web, App, HttpResponse};
 use futures_util::future::join_all;
 use idempotency_actix::{
     idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore,
-    REPLAYED_HEADER,
 };
-use idempotency_actix_workspace::{Runs, TestServer};
+use idempotency_actix_workspace::{post_keyed, Received, Runs, TestServer};
 use tokio::sync::Barrier;
 
 const DUPLICATES: usize = 48;
@@ -43,44 +42,8 @@ fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, barrier: Arc<Barri
     .unwrap_or_else(|e| panic!("server: {e}"))
 }
 
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    retry_after: Option<String>,
-    body: String,
-}
-
-async fn post(client: &reqwest::Client, url: &str, key: &str, body: &'static str) -> Answer {
-    let response = client
-        .post(url)
-        .header("Idempotency-Key", key)
-        .body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status =
-        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::IM_A_TEAPOT);
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
-    let retry_after = header("retry-after");
-    let body = response.text().await.unwrap_or_default();
-    Answer {
-        status,
-        replayed,
-        retry_after,
-        body,
-    }
-}
-
 /// Sends `DUPLICATES` requests with one key at once, each on its own connection.
-async fn stampede(url: String, key: &'static str) -> Vec<Answer> {
+async fn stampede(url: String, key: &'static str) -> Vec<Received> {
     let start = Arc::new(Barrier::new(DUPLICATES));
     let tasks = (0..DUPLICATES).map(|_| {
         let url = url.clone();
@@ -91,7 +54,7 @@ async fn stampede(url: String, key: &'static str) -> Vec<Answer> {
                 .build()
                 .unwrap_or_else(|e| panic!("client: {e}"));
             start.wait().await;
-            post(&client, &url, key, "payload").await
+            post_keyed(&client, &url, key, "payload").await
         })
     });
     join_all(tasks)
@@ -120,7 +83,7 @@ async fn concurrent_duplicates_that_wait_all_get_the_one_response() {
         "{answers:?}"
     );
     assert_eq!(
-        answers.iter().filter(|a| !a.replayed).count(),
+        answers.iter().filter(|a| !a.is_replay()).count(),
         1,
         "one first response, the rest replays"
     );
@@ -138,7 +101,7 @@ async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() 
     assert_eq!(runs.count(), 1, "the handler must run exactly once");
     let created: Vec<_> = answers
         .iter()
-        .filter(|a| a.status == StatusCode::CREATED && !a.replayed)
+        .filter(|a| a.status == StatusCode::CREATED && !a.is_replay())
         .collect();
     let conflicts: Vec<_> = answers
         .iter()
@@ -147,13 +110,12 @@ async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() 
     assert_eq!(created.len(), 1, "{answers:?}");
     assert!(!conflicts.is_empty(), "{answers:?}");
     assert!(
-        conflicts
-            .iter()
-            .all(|a| a.retry_after.is_some() && a.body.contains("#in-flight")),
+        conflicts.iter().all(|a| a.header("retry-after").is_some()
+            && a.problem_type().is_some_and(|t| t.ends_with("#in-flight"))),
         "{conflicts:?}"
     );
     assert_eq!(
-        created.len() + conflicts.len() + answers.iter().filter(|a| a.replayed).count(),
+        created.len() + conflicts.len() + answers.iter().filter(|a| a.is_replay()).count(),
         DUPLICATES
     );
 }
@@ -175,7 +137,9 @@ async fn lock_timeout_status_can_be_423_locked() {
         .collect();
     assert!(!locked.is_empty(), "{answers:?}");
     assert!(
-        locked.iter().all(|a| a.body.contains("#locked")),
+        locked
+            .iter()
+            .all(|a| a.problem_type().is_some_and(|t| t.ends_with("#locked"))),
         "{locked:?}"
     );
 }
@@ -198,7 +162,7 @@ async fn requests_with_different_keys_run_concurrently() {
         .unwrap_or_else(|e| panic!("client: {e}"));
     let keys: Vec<String> = (0..PARALLEL).map(|i| format!("key-{i}")).collect();
     let url = server.url("/rendezvous");
-    let answers = join_all(keys.iter().map(|key| post(&client, &url, key, ""))).await;
+    let answers = join_all(keys.iter().map(|key| post_keyed(&client, &url, key, ""))).await;
     assert!(
         answers.iter().all(|a| a.status == StatusCode::CREATED),
         "{answers:?}"
@@ -221,16 +185,17 @@ async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
     let gave_up = impatient
         .post(server.url("/slow"))
         .header("Idempotency-Key", "k")
+        .header("content-type", "application/json")
         .body("x")
         .send()
         .await;
     assert!(gave_up.is_err(), "the first attempt must time out");
 
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let retry = post(&reqwest::Client::new(), &server.url("/slow"), "k", "x").await;
+    let retry = post_keyed(&reqwest::Client::new(), &server.url("/slow"), "k", "x").await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(
-        retry.replayed,
+        retry.is_replay(),
         "the handler finished despite the disconnect: {retry:?}"
     );
     assert_eq!(retry.body, "run 1 of x");
@@ -250,16 +215,16 @@ async fn a_reservation_that_never_completes_frees_its_key_after_the_lease() {
     let first = tokio::spawn({
         let client = client.clone();
         let url = url.clone();
-        async move { post(&client, &url, "k", "x").await }
+        async move { post_keyed(&client, &url, "k", "x").await }
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let during = post(&client, &url, "k", "x").await;
+    let during = post_keyed(&client, &url, "k", "x").await;
     assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let after_lease = post(&client, &url, "k", "x").await;
+    let after_lease = post_keyed(&client, &url, "k", "x").await;
     assert_eq!(after_lease.status, StatusCode::CREATED);
     assert!(
-        !after_lease.replayed,
+        !after_lease.is_replay(),
         "the expired reservation must not wedge the key"
     );
     assert_eq!(runs.count(), 2);

@@ -4,7 +4,7 @@ use actix_web::{http::StatusCode, test, web, App};
 use idempotency_actix::{IdempotencyMiddleware, MemoryStore, RedisStore};
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
-    redis_url_or_skip, respond, unique_prefix, Received, TestServer,
+    post_keyed, redis_url_or_skip, respond, unique_prefix, Received, TestServer,
 };
 use serde_json::json;
 
@@ -122,37 +122,20 @@ async fn two_demo_servers_on_one_redis_behave_as_one() {
     };
     let (a, b) = (start(), start());
     let client = reqwest::Client::new();
-    let post = |url: String, key: &'static str| {
-        let client = client.clone();
-        async move {
-            let response = client
-                .post(url)
-                .header("Idempotency-Key", key)
-                .json(&json!({ "item": "book" }))
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let replayed = response.headers().contains_key("idempotent-replayed");
-            (
-                response.status().as_u16(),
-                replayed,
-                response.text().await.unwrap_or_default(),
-            )
-        }
-    };
-    let first = post(a.url("/orders"), "k1").await;
-    let on_b = post(b.url("/orders"), "k1").await;
-    assert_eq!((first.0, first.1), (201, false));
-    assert_eq!((on_b.0, on_b.1), (201, true));
+    let book = r#"{"item":"book"}"#;
+    let first = post_keyed(&client, &a.url("/orders"), "k1", book).await;
+    let on_b = post_keyed(&client, &b.url("/orders"), "k1", book).await;
     assert_eq!(
-        on_b.2, first.2,
+        (first.status, first.is_replay()),
+        (StatusCode::CREATED, false)
+    );
+    assert_eq!((on_b.status, on_b.is_replay()), (StatusCode::CREATED, true));
+    assert_eq!(
+        on_b.body, first.body,
         "the replay from the other server is byte-identical"
     );
-    let second = post(b.url("/orders"), "k2").await;
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&second.2).unwrap_or_default()["id"],
-        2
-    );
+    let second = post_keyed(&client, &b.url("/orders"), "k2", book).await;
+    assert_eq!(second.json()["id"], 2);
     let count = client
         .get(a.url("/orders/count"))
         .send()

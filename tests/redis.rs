@@ -6,10 +6,10 @@ use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
 use futures_util::future::join_all;
 use idempotency_actix::{
     idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, RedisStore,
-    StoreOutage, REPLAYED_HEADER,
+    StoreOutage,
 };
 use idempotency_actix_workspace::{
-    redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
+    post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -52,39 +52,6 @@ fn instance_with(builder: IdempotencyMiddlewareBuilder, runs: &Runs) -> TestServ
     .unwrap_or_else(|e| panic!("server: {e}"))
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct Answer {
-    status: u16,
-    replayed: bool,
-    order: Option<String>,
-    body: String,
-}
-
-async fn post(client: &reqwest::Client, url: &str, key: &str) -> Answer {
-    let response = client
-        .post(url)
-        .header("Idempotency-Key", key)
-        .body("book")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request: {e}"));
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let replayed = header(REPLAYED_HEADER).as_deref() == Some("true");
-    let order = header("x-order");
-    Answer {
-        status: response.status().as_u16(),
-        replayed,
-        order,
-        body: response.text().await.unwrap_or_default(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_redis_run_a_handler_once() {
     let Some(url) = redis_url_or_skip("two_instances_on_one_redis_run_a_handler_once").await else {
@@ -110,7 +77,7 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
                 .build()
                 .unwrap_or_else(|e| panic!("{e}"));
             start.wait().await;
-            (i % 2, post(&client, &url, "shared-key").await)
+            (i % 2, post_keyed(&client, &url, "shared-key", "book").await)
         })
     });
     let answers: Vec<_> = join_all(tasks)
@@ -122,16 +89,16 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
     assert_eq!(runs.count(), 1, "one run across both instances");
     let firsts: Vec<_> = answers
         .iter()
-        .filter(|(_, a)| a.status == 201 && !a.replayed)
+        .filter(|(_, a)| a.status == StatusCode::CREATED && !a.is_replay())
         .collect();
     assert_eq!(firsts.len(), 1, "{answers:?}");
     assert!(
-        answers
-            .iter()
-            .all(|(_, a)| a.replayed || a.status == 409 || a.status == 201),
+        answers.iter().all(|(_, a)| a.is_replay()
+            || a.status == StatusCode::CONFLICT
+            || a.status == StatusCode::CREATED),
         "{answers:?}"
     );
-    let replays: Vec<_> = answers.iter().filter(|(_, a)| a.replayed).collect();
+    let replays: Vec<_> = answers.iter().filter(|(_, a)| a.is_replay()).collect();
     assert!(
         replays.iter().any(|(from, _)| *from == 0) && replays.iter().any(|(from, _)| *from == 1)
     );
@@ -140,8 +107,8 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
             replay.body, firsts[0].1.body,
             "replays are byte-identical to the first answer"
         );
-        assert_eq!(replay.order, firsts[0].1.order);
-        assert_eq!(replay.status, 201);
+        assert_eq!(replay.header("x-order"), firsts[0].1.header("x-order"));
+        assert_eq!(replay.status, StatusCode::CREATED);
     }
 }
 
@@ -165,16 +132,21 @@ async fn the_lock_spans_instances_with_its_timeout_status() {
     let client = reqwest::Client::new();
     let running = tokio::spawn({
         let (client, url) = (client.clone(), first.url("/orders"));
-        async move { post(&client, &url, "k").await }
+        async move { post_keyed(&client, &url, "k", "book").await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let duplicate = post(&client, &second.url("/orders"), "k").await;
-    assert_eq!(duplicate.status, 423, "{duplicate:?}");
-    assert!(duplicate.body.contains("#locked"));
+    let duplicate = post_keyed(&client, &second.url("/orders"), "k", "book").await;
+    assert_eq!(duplicate.status, StatusCode::LOCKED, "{duplicate:?}");
+    assert!(duplicate
+        .problem_type()
+        .is_some_and(|t| t.ends_with("#locked")));
     let original = running.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((original.status, original.replayed), (201, false));
-    let later = post(&client, &second.url("/orders"), "k").await;
-    assert!(later.replayed);
+    assert_eq!(
+        (original.status, original.is_replay()),
+        (StatusCode::CREATED, false)
+    );
+    let later = post_keyed(&client, &second.url("/orders"), "k", "book").await;
+    assert!(later.is_replay());
     assert_eq!(runs.count(), 1);
 }
 
@@ -323,19 +295,22 @@ async fn a_fresh_request_costs_two_round_trips_and_a_replay_one() {
     let server = instance(&url, &prefix, &runs);
     let client = reqwest::Client::new();
     // Warm up: connect and load the scripts.
-    post(&client, &server.url("/orders"), "warm-up").await;
-    post(&client, &server.url("/orders"), "warm-up").await;
+    post_keyed(&client, &server.url("/orders"), "warm-up", "book").await;
+    post_keyed(&client, &server.url("/orders"), "warm-up", "book").await;
 
     let mut monitor = Monitor::start(&url).await;
-    let fresh = post(&client, &server.url("/orders"), "measured").await;
-    assert_eq!((fresh.status, fresh.replayed), (201, false));
+    let fresh = post_keyed(&client, &server.url("/orders"), "measured", "book").await;
+    assert_eq!(
+        (fresh.status, fresh.is_replay()),
+        (StatusCode::CREATED, false)
+    );
     assert_eq!(
         monitor.client_commands_naming(&prefix).await,
         2,
         "reserve + complete"
     );
 
-    let replay = post(&client, &server.url("/orders"), "measured").await;
-    assert!(replay.replayed);
+    let replay = post_keyed(&client, &server.url("/orders"), "measured", "book").await;
+    assert!(replay.is_replay());
     assert_eq!(monitor.client_commands_naming(&prefix).await, 1, "one read");
 }
