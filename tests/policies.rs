@@ -444,23 +444,41 @@ async fn store_outage_fails_closed_with_503_by_default_and_open_when_configured(
     assert_eq!(runs.count(), 1);
 }
 
-#[actix_rt::test]
-async fn a_panicking_handler_frees_its_key() {
-    let runs = Runs::default();
-    let app = test::init_service(
+/// An enforce-mode app with one route at `path` that requires a key.
+async fn required_route_app(
+    path: &str,
+    runs: &Runs,
+    route: actix_web::Route,
+) -> impl actix_web::dev::Service<
+    actix_http::Request,
+    Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+    Error = actix_web::Error,
+> {
+    test::init_service(
         App::new()
             .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
             .app_data(web::Data::new(runs.clone()))
             .service(
-                web::resource("/explode")
+                web::resource(path)
                     .wrap(IdempotencyPolicy::required())
-                    .route(web::post().to(|runs: web::Data<Runs>| async move {
-                        if runs.record() == 1 {
-                            panic!("the first run blows up");
-                        }
-                        HttpResponse::Created().body("second time lucky")
-                    })),
+                    .route(route),
             ),
+    )
+    .await
+}
+
+#[actix_rt::test]
+async fn a_panicking_handler_frees_its_key() {
+    let runs = Runs::default();
+    let app = required_route_app(
+        "/explode",
+        &runs,
+        web::post().to(|runs: web::Data<Runs>| async move {
+            if runs.record() == 1 {
+                panic!("the first run blows up");
+            }
+            HttpResponse::Created().body("second time lucky")
+        }),
     )
     .await;
     let first = respond(&app, keyed("/explode", "k").to_request()).await;
@@ -475,18 +493,13 @@ async fn a_panicking_handler_frees_its_key() {
 #[actix_rt::test]
 async fn a_cancelled_request_still_completes_and_its_retry_gets_the_replay() {
     let runs = Runs::default();
-    let app = test::init_service(
-        App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
-            .app_data(web::Data::new(runs.clone()))
-            .service(
-                web::resource("/slow")
-                    .wrap(IdempotencyPolicy::required())
-                    .route(web::post().to(|runs: web::Data<Runs>| async move {
-                        actix_rt::time::sleep(Duration::from_millis(100)).await;
-                        HttpResponse::Created().body(runs.record().to_string())
-                    })),
-            ),
+    let app = required_route_app(
+        "/slow",
+        &runs,
+        web::post().to(|runs: web::Data<Runs>| async move {
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+            HttpResponse::Created().body(runs.record().to_string())
+        }),
     )
     .await;
     // An outer timeout (or a reset HTTP/2 stream) drops the request's future mid-handler.
