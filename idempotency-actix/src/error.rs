@@ -11,6 +11,8 @@ use actix_web::{
 };
 use serde::Serialize;
 
+use crate::InvalidKey;
+
 /// The base of every problem `type` URI this crate produces: the [`problems`](crate::problems)
 /// page of this crate's documentation.
 ///
@@ -40,7 +42,7 @@ pub enum IdempotencyError {
         /// The configured header name.
         header: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: InvalidKey,
     },
     /// The key was already used for a request with a different payload (422).
     #[error("this idempotency key was already used with a different request payload")]
@@ -270,7 +272,7 @@ mod tests {
             },
             IdempotencyError::InvalidKey {
                 header: "k".to_owned(),
-                reason: "r",
+                reason: InvalidKey::Empty,
             },
             IdempotencyError::PayloadMismatch,
             conflict(StatusCode::CONFLICT),

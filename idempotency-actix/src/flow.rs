@@ -17,7 +17,6 @@ use crate::{
     config::{Config, StoreOutage},
     context::RequestFacts,
     encoder::KeyParts,
-    key::InvalidKey,
     manual::{ManualIdempotency, PriorResponse},
     replay::{replay_response, replayable_headers},
     storage::{
@@ -80,7 +79,7 @@ pub(crate) async fn start(
         Err(invalid) => {
             return refuse(IdempotencyError::InvalidKey {
                 header: header(),
-                reason: InvalidKey::reason(invalid),
+                reason: invalid,
             })
         }
     };

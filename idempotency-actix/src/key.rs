@@ -53,18 +53,6 @@ pub enum InvalidKey {
     Repeated,
 }
 
-impl InvalidKey {
-    pub(crate) fn reason(self) -> &'static str {
-        match self {
-            Self::Empty => "the key is empty",
-            Self::TooLong => "the key is longer than 255 characters",
-            Self::NotVisibleAscii => "the key must be visible ASCII characters only",
-            Self::MalformedString => "the key is not a valid structured-field string",
-            Self::Repeated => "the header field appears more than once",
-        }
-    }
-}
-
 impl IdempotencyKey {
     /// The key as the client sent it, without structured-field quotes.
     pub fn as_str(&self) -> &str {
