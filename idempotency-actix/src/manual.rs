@@ -4,15 +4,12 @@ use std::future::{ready, Ready};
 
 use actix_web::{
     dev::Payload,
-    http::{
-        header::{HeaderMap, HeaderName, HeaderValue},
-        StatusCode,
-    },
+    http::{header::HeaderMap, StatusCode},
     FromRequest, HttpMessage, HttpRequest,
 };
 use bytes::Bytes;
 
-use crate::{storage::StoredResponse, IdempotencyError, IdempotencyKey};
+use crate::{replay::stored_headers, storage::StoredResponse, IdempotencyError, IdempotencyKey};
 
 /// The response stored under a key by an earlier request.
 #[derive(Debug, Clone)]
@@ -25,12 +22,8 @@ pub struct PriorResponse {
 impl PriorResponse {
     pub(crate) fn from_stored(stored: &StoredResponse) -> Self {
         let mut headers = HeaderMap::new();
-        for (name, value) in &stored.headers {
-            let name = HeaderName::from_bytes(name.as_bytes());
-            let value = HeaderValue::from_maybe_shared(value.clone());
-            if let (Ok(name), Ok(value)) = (name, value) {
-                headers.append(name, value);
-            }
+        for (name, value) in stored_headers(stored) {
+            headers.append(name, value);
         }
         Self {
             status: StatusCode::from_u16(stored.status)

@@ -46,6 +46,17 @@ pub(crate) fn replayable_headers(headers: &HeaderMap) -> Vec<(String, Bytes)> {
         .collect()
 }
 
+/// The stored headers as header types again; a header that no longer parses is skipped.
+pub(crate) fn stored_headers(
+    stored: &StoredResponse,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+    stored.headers.iter().filter_map(|(name, value)| {
+        let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let value = HeaderValue::from_maybe_shared(value.clone()).ok()?;
+        Some((name, value))
+    })
+}
+
 /// A fresh response built from an immutable stored snapshot.
 pub(crate) fn replay_response(stored: &StoredResponse, status: ReplayStatus) -> HttpResponse {
     let status = match status {
@@ -55,12 +66,8 @@ pub(crate) fn replay_response(stored: &StoredResponse, status: ReplayStatus) -> 
         ReplayStatus::Fixed(status) => status,
     };
     let mut response = HttpResponse::build(status);
-    for (name, value) in &stored.headers {
-        let name = HeaderName::from_bytes(name.as_bytes());
-        let value = HeaderValue::from_maybe_shared(value.clone());
-        if let (Ok(name), Ok(value)) = (name, value) {
-            response.append_header((name, value));
-        }
+    for header in stored_headers(stored) {
+        response.append_header(header);
     }
     response.insert_header((
         HeaderName::from_static(REPLAYED_HEADER),
