@@ -6,7 +6,7 @@ use actix_service::{IntoServiceFactory, ServiceFactory};
 use actix_web::{dev::AppConfig, http::StatusCode, post, test, web, App, HttpResponse};
 use idempotency_actix::{
     idempotency_exempt, idempotency_manual, idempotent,
-    storage::{CompletedRecord, Completion, Reservation, ReservationToken},
+    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
     Fingerprint, IdempotencyMiddleware, IdempotencyPolicy, IdempotencyStore, ManualIdempotency,
     MemoryStore, Mode, StoreError, StoreOutage,
 };
@@ -394,9 +394,20 @@ impl IdempotencyStore for DownStore {
     fn reserve(
         &self,
         _: &str,
+        _: ReservationToken,
         _: Fingerprint,
         _: Duration,
     ) -> impl Future<Output = Result<Reservation, StoreError>> {
+        std::future::ready(Err(down()))
+    }
+
+    fn renew(
+        &self,
+        _: &str,
+        _: ReservationToken,
+        _: Fingerprint,
+        _: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
         std::future::ready(Err(down()))
     }
 

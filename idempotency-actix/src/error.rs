@@ -70,6 +70,13 @@ pub enum IdempotencyError {
         "the request with this idempotency key completed, but its response is too large to replay"
     )]
     ResponseNotReplayable,
+    /// The key's record cannot be read by this version (corrupt, or written in another record
+    /// format): the operation may have run, so it is not run again, and it cannot be replayed
+    /// (409).
+    #[error(
+        "the request with this idempotency key was processed, but its record cannot be read by this server"
+    )]
+    RecordUnreadable,
     /// The idempotency store could not be reached and the middleware fails closed (503).
     #[error("the idempotency store is unavailable; retry later")]
     StoreUnavailable,
@@ -100,6 +107,7 @@ impl IdempotencyError {
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BodyUnreadable => "body-unreadable",
             Self::ResponseNotReplayable => "response-not-replayable",
+            Self::RecordUnreadable => "record-unreadable",
             Self::StoreUnavailable => "store-unavailable",
             Self::Misconfigured(_) => "misconfigured",
         }
@@ -119,6 +127,7 @@ impl IdempotencyError {
             Self::BodyTooLarge { .. } => "Request body too large",
             Self::BodyUnreadable => "Request body unreadable",
             Self::ResponseNotReplayable => "Stored response not replayable",
+            Self::RecordUnreadable => "Stored record unreadable",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::Misconfigured(_) => "Idempotency middleware misconfigured",
         }
@@ -134,7 +143,7 @@ impl ResponseError for IdempotencyError {
             Self::PayloadMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { status, .. } => *status,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ResponseNotReplayable => StatusCode::CONFLICT,
+            Self::ResponseNotReplayable | Self::RecordUnreadable => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -179,9 +188,14 @@ pub enum StoreError {
     /// The backend could not be reached or answered with an error.
     #[error("idempotency store backend error: {0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),
-    /// A stored record could not be decoded (unknown format version or corrupt data).
-    #[error("idempotency record could not be decoded: {0}")]
+    /// The backend answered something this version does not understand.
+    #[error("idempotency store answered unexpectedly: {0}")]
     Corrupt(String),
+    /// The store cannot take one more reservation (a bound on requests in flight). Answered
+    /// with 503 whatever the [`StoreOutage`](crate::StoreOutage) policy: a request the store
+    /// cannot protect never runs unprotected.
+    #[error("idempotency store is full: {0}")]
+    Full(String),
 }
 
 /// Why a configuration was refused by [`IdempotencyMiddlewareBuilder::build`](crate::IdempotencyMiddlewareBuilder::build).
@@ -280,6 +294,7 @@ mod tests {
             IdempotencyError::BodyTooLarge { limit: 1 },
             IdempotencyError::BodyUnreadable,
             IdempotencyError::ResponseNotReplayable,
+            IdempotencyError::RecordUnreadable,
             IdempotencyError::StoreUnavailable,
             IdempotencyError::Misconfigured("m"),
         ];

@@ -22,6 +22,9 @@ use crate::{
     storage::{
         CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
     },
+    upkeep::{
+        deadline_after, keep_reserved, release_in_background, retry_within, UnansweredReservation,
+    },
     Fingerprint, IdempotencyError, IdempotencyKey, StoreError,
 };
 use bytes::Bytes;
@@ -142,35 +145,47 @@ impl Operation {
     /// Reserves the key, or answers from its record; a duplicate of a running request waits
     /// for its record up to the lock timeout.
     async fn settle(self, config: &Arc<Config>) -> Start {
-        let give_up_at = Instant::now() + config.lock_wait;
+        let give_up_at = deadline_after(config.lock_wait);
+        let lease = config.reservation_lease;
+        let token = ReservationToken::generate();
         let mut wait = FIRST_WAIT;
         loop {
+            let unanswered =
+                UnansweredReservation::arm(&self.store, &self.storage_key, token, lease);
             let reservation = self
                 .store
-                .reserve(
-                    &self.storage_key,
-                    self.fingerprint,
-                    config.reservation_lease,
-                )
+                .reserve(&self.storage_key, token, self.fingerprint, lease)
                 .await;
             let in_flight_fingerprint = match reservation {
-                Ok(Reservation::InFlight { fingerprint, .. }) => fingerprint,
-                Ok(Reservation::Acquired(token)) => return self.run_reserved(config, token),
-                Ok(Reservation::Completed(record)) => return self.answer_from(&record, config),
-                Err(error) => return self.store_unavailable(config, &error),
+                Err(error) => {
+                    drop(unanswered);
+                    return self.store_unavailable(config, &error);
+                }
+                Ok(answer) => {
+                    unanswered.answered();
+                    match answer {
+                        Reservation::InFlight { fingerprint, .. } => fingerprint,
+                        Reservation::Acquired => return self.run_reserved(config, token),
+                        Reservation::Completed(record) => return self.answer_from(&record, config),
+                        Reservation::Unreadable { reason } => {
+                            return self.answer_unreadable(&reason)
+                        }
+                    }
+                }
             };
             if in_flight_fingerprint != self.fingerprint && !self.manual {
                 return refuse(IdempotencyError::PayloadMismatch);
             }
             let now = Instant::now();
-            if now >= give_up_at {
+            let left = give_up_at.map_or(wait, |at| at.saturating_duration_since(now));
+            if left.is_zero() {
                 return refuse(IdempotencyError::InFlight {
                     status: config.in_flight_status,
                     retry_after: RETRY_AFTER,
                 });
             }
             self.store
-                .wait_for_change(&self.storage_key, wait.min(give_up_at - now))
+                .wait_for_change(&self.storage_key, wait.min(left))
                 .await;
             wait = (wait * 2).min(LONGEST_WAIT);
         }
@@ -211,9 +226,32 @@ impl Operation {
         }
     }
 
+    /// The key holds a record nobody here can read. The operation may have run, so it does not
+    /// run again; a manual handler is told the key exists and decides.
+    fn answer_unreadable(self, reason: &str) -> Start {
+        log::error!(
+            "idempotency: a key's record cannot be read ({reason}); answering 409 \
+             record-unreadable until it expires"
+        );
+        if self.manual {
+            return Start::Proceed {
+                payload: Payload::from(self.body),
+                pending: None,
+                manual: Some(ManualIdempotency::new(self.key, true, false, None)),
+            };
+        }
+        refuse(IdempotencyError::RecordUnreadable)
+    }
+
     fn store_unavailable(self, config: &Config, error: &StoreError) -> Start {
         log::error!("idempotency: store unavailable while reserving a key: {error}");
-        match config.store_outage {
+        // A full store answered: it works, it just cannot protect one more request, and
+        // running it unprotected is never the answer to that.
+        let outage = match error {
+            StoreError::Full(_) => StoreOutage::FailClosed,
+            _ => config.store_outage,
+        };
+        match outage {
             StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
             StoreOutage::FailOpen => {
                 log::warn!("idempotency: running the handler unprotected (fail-open)");
@@ -244,9 +282,9 @@ where
     }
 }
 
-/// A reservation whose handler is running. Dropped without [`finish`](Self::finish) (the
-/// client went away, the handler panicked), it frees its key in the background; the lease
-/// covers the case where even that cannot run.
+/// A reservation whose handler is running. Dropped without being settled (the handler
+/// panicked), it frees its key in the background; the lease covers the case where even that
+/// cannot run.
 pub(crate) struct PendingRecord {
     config: Arc<Config>,
     store: Arc<dyn DynStore>,
@@ -254,6 +292,14 @@ pub(crate) struct PendingRecord {
     token: ReservationToken,
     fingerprint: Fingerprint,
     settled: bool,
+}
+
+/// What the handler's run left to settle.
+enum Outcome<B> {
+    /// A storable response, its body buffered (or too large to be).
+    Store(Option<StoredResponse>, ServiceResponse<EitherBody<B>>),
+    /// Anything else: the key is freed and this goes to the client.
+    Release(Result<ServiceResponse<EitherBody<B>>, Error>),
 }
 
 impl PendingRecord {
@@ -287,7 +333,7 @@ impl PendingRecord {
         F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
         B: MessageBody + 'static,
     {
-        let task = actix_web::rt::spawn(async move { self.finish(handler.await).await });
+        let task = actix_web::rt::spawn(self.finish(handler));
         match task.await {
             Ok(result) => result,
             Err(error) => {
@@ -300,88 +346,142 @@ impl PendingRecord {
         }
     }
 
-    /// Stores the handler's response (when its status is storable) or frees the key.
-    async fn finish<B>(
-        mut self,
-        result: Result<ServiceResponse<B>, Error>,
-    ) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    /// Runs the handler and buffers its response while renewing the reservation, then stores
+    /// the response or frees the key.
+    async fn finish<F, B>(mut self, handler: F) -> Result<ServiceResponse<EitherBody<B>>, Error>
     where
+        F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
         B: MessageBody + 'static,
     {
-        let response = match result {
-            Ok(response) if self.config.is_storable(response.status()) => response,
-            other => {
-                self.release().await;
-                return other.map(ServiceResponse::map_into_left_body);
-            }
+        let work = run_and_capture(handler, &self.config);
+        let keep_alive = keep_reserved(
+            self.store.as_ref(),
+            &self.key,
+            self.token,
+            self.fingerprint,
+            self.config.reservation_lease,
+        );
+        let outcome = tokio::select! {
+            biased;
+            outcome = work => outcome,
+            never = keep_alive => match never {},
         };
-        let (request, response) = response.into_parts();
-        let (head, body) = response.into_parts();
-        let (record, body) = match capture_response_body(body, self.config.response_body_limit)
-            .await
-        {
-            CapturedBody::Complete(bytes) => {
-                let stored = StoredResponse::new(
-                    head.status().as_u16(),
-                    replayable_headers(head.headers()),
-                    bytes.clone(),
-                );
-                (Some(stored), BoxBody::new(bytes))
+        match outcome {
+            Outcome::Store(response, to_client) => {
+                self.complete(response).await;
+                Ok(to_client)
             }
-            CapturedBody::TooLarge(body) => (None, body),
-            CapturedBody::Failed(error) => {
-                log::error!("idempotency: the response body failed while it was stored: {error}");
+            Outcome::Release(to_client) => {
                 self.release().await;
-                return Err(actix_web::error::ErrorInternalServerError(
-                    "the response body failed",
-                ));
+                to_client
             }
-        };
-        self.complete(record).await;
-        Ok(ServiceResponse::new(request, head.set_body(body)).map_into_right_body())
+        }
     }
 
+    /// Stores the record. A store fault is retried in the background within the lease, so the
+    /// client gets its response now and a retry finds the record once the store answers.
     async fn complete(&mut self, response: Option<StoredResponse>) {
         self.settled = true;
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
-        match self
+        let first = self
             .store
-            .complete(&self.key, self.token, record, ttl)
-            .await
-        {
-            Ok(Completion::Stored) => {}
-            Ok(_) => log::warn!(
-                "idempotency: the reservation lease ran out before the handler finished; \
-                 its response was not stored (raise reservation_lease)"
-            ),
-            Err(error) => log::error!("idempotency: could not store a response: {error}"),
-        }
+            .complete(&self.key, self.token, record.clone(), ttl)
+            .await;
+        let error = match first {
+            Ok(completion) => return log_completion(completion),
+            Err(error) => error,
+        };
+        log::warn!("idempotency: could not store a response, retrying: {error}");
+        let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
+        let lease = self.config.reservation_lease;
+        actix_web::rt::spawn(async move {
+            let stored =
+                retry_within(lease, || store.complete(&key, token, record.clone(), ttl)).await;
+            match stored {
+                Ok(completion) => log_completion(completion),
+                Err(error) => log::error!(
+                    "idempotency: gave up storing a response after {lease:?}: {error}; once \
+                     its reservation expires, a retry of this key runs the handler again"
+                ),
+            }
+        });
     }
 
     async fn release(&mut self) {
         self.settled = true;
-        if let Err(error) = self.store.release(&self.key, self.token).await {
-            log::error!("idempotency: could not free a key (its lease will): {error}");
+        let released = self.store.release(&self.key, self.token).await;
+        if let Err(error) = released {
+            log::warn!("idempotency: could not free a key, retrying: {error}");
+            release_in_background(
+                Arc::clone(&self.store),
+                self.key.clone(),
+                self.token,
+                self.config.reservation_lease,
+            );
         }
     }
 }
 
+fn log_completion(completion: Completion) {
+    match completion {
+        Completion::Stored => {}
+        Completion::StoredWithoutReservation => log::warn!(
+            "idempotency: a reservation had vanished before its handler finished (renewals \
+             failed for a whole lease, or the store lost it: a Redis restart without \
+             persistence, an eviction); nobody else had taken the key, so the response was \
+             stored"
+        ),
+        _ => log::error!(
+            "idempotency: a response was not stored: another request took the key after this \
+             one's reservation vanished (renewals failed for a whole lease, or the store lost \
+             it), so the handler may have run twice"
+        ),
+    }
+}
+
+/// Runs the handler and buffers its response body for storage when its status is storable.
+async fn run_and_capture<F, B>(handler: F, config: &Config) -> Outcome<B>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>>,
+    B: MessageBody + 'static,
+{
+    let response = match handler.await {
+        Ok(response) if config.is_storable(response.status()) => response,
+        other => return Outcome::Release(other.map(ServiceResponse::map_into_left_body)),
+    };
+    let (request, response) = response.into_parts();
+    let (head, body) = response.into_parts();
+    let (stored, body) = match capture_response_body(body, config.response_body_limit).await {
+        CapturedBody::Complete(bytes) => {
+            let stored = StoredResponse::new(
+                head.status().as_u16(),
+                replayable_headers(head.headers()),
+                bytes.clone(),
+            );
+            (Some(stored), BoxBody::new(bytes))
+        }
+        CapturedBody::TooLarge(body) => (None, body),
+        CapturedBody::Failed(error) => {
+            log::error!("idempotency: the response body failed while it was stored: {error}");
+            return Outcome::Release(Err(actix_web::error::ErrorInternalServerError(
+                "the response body failed",
+            )));
+        }
+    };
+    let to_client = ServiceResponse::new(request, head.set_body(body)).map_into_right_body();
+    Outcome::Store(stored, to_client)
+}
+
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let store = Arc::clone(&self.store);
-        let key = std::mem::take(&mut self.key);
-        let token = self.token;
-        // A drop outside a runtime (a shutting-down worker) leaves the key to its lease.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            actix_web::rt::spawn(async move {
-                if let Err(error) = store.release(&key, token).await {
-                    log::error!("idempotency: could not free an abandoned key: {error}");
-                }
-            });
+        if !self.settled {
+            release_in_background(
+                Arc::clone(&self.store),
+                std::mem::take(&mut self.key),
+                self.token,
+                self.config.reservation_lease,
+            );
         }
     }
 }

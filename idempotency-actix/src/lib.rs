@@ -127,6 +127,7 @@ mod policy;
 pub mod problems;
 mod replay;
 pub mod storage;
+mod upkeep;
 
 pub use config::{IdempotencyMiddlewareBuilder, InFlightStatus, Mode, ReplayStatus, StoreOutage};
 pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};

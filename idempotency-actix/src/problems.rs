@@ -34,9 +34,17 @@
 //! **409.** The operation with this key completed, but its response was too large to store, so
 //! it cannot be sent again. The operation was not repeated.
 //!
+//! # record-unreadable
+//! **409.** A request with this key was processed, but the record it left cannot be read by
+//! this server: it is corrupt, or it was written by another version of the library (during a
+//! rolling upgrade, for instance). The operation is not run again, because it may already have
+//! happened; its response cannot be sent again. Check the operation's outcome by other means;
+//! the key becomes usable again when its record expires.
+//!
 //! # store-unavailable
 //! **503**, with `Retry-After`. The service cannot currently guarantee that the request runs only
-//! once, so it did not run it. Retry with the same key.
+//! once (its store cannot be reached, or cannot take one more request in flight), so it did not
+//! run it. Retry with the same key.
 //!
 //! # misconfigured
 //! **500.** The service's idempotency middleware is missing or registered in the wrong order;

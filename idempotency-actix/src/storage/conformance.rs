@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 
 use super::{
-    CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken, StoredResponse,
+    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    StoredResponse,
 };
 use crate::Fingerprint;
 
@@ -13,6 +14,10 @@ const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(60);
 
 fn record(body: &'static str) -> CompletedRecord {
+    record_with(Bytes::from_static(body.as_bytes()))
+}
+
+fn record_with(body: Bytes) -> CompletedRecord {
     CompletedRecord::new(
         Fingerprint([7; 32]),
         Some(StoredResponse::new(
@@ -21,16 +26,35 @@ fn record(body: &'static str) -> CompletedRecord {
                 "content-type".to_owned(),
                 Bytes::from_static(b"application/json"),
             )],
-            Bytes::from_static(body.as_bytes()),
+            body,
         )),
     )
 }
 
 async fn acquire<S: IdempotencyStore>(store: &S, key: &str) -> ReservationToken {
-    match store.reserve(key, Fingerprint([7; 32]), LEASE).await {
-        Ok(Reservation::Acquired(token)) => token,
+    acquire_for(store, key, LEASE).await
+}
+
+async fn acquire_for<S: IdempotencyStore>(
+    store: &S,
+    key: &str,
+    lease: Duration,
+) -> ReservationToken {
+    let token = ReservationToken::generate();
+    match store.reserve(key, token, Fingerprint([7; 32]), lease).await {
+        Ok(Reservation::Acquired) => token,
         other => panic!("expected to acquire {key}, got {other:?}"),
     }
+}
+
+async fn is_in_flight<S: IdempotencyStore>(store: &S, key: &str) -> bool {
+    let stranger = ReservationToken::generate();
+    matches!(
+        store
+            .reserve(key, stranger, Fingerprint([9; 32]), LEASE)
+            .await,
+        Ok(Reservation::InFlight { .. })
+    )
 }
 
 /// Runs every contract check against fresh stores from `make`.
@@ -46,11 +70,21 @@ where
     expired_lease_frees_the_key(make()).await;
     completed_record_expires_after_ttl(make()).await;
     concurrent_reservations_from_threads_acquire_once(make()).await;
+    renewal_keeps_a_reservation_past_its_lease(make()).await;
+    renewal_restores_a_reservation_nobody_took(make()).await;
+    renewal_of_a_completed_key_is_lost(make()).await;
+    late_completion_of_a_key_nobody_took_is_stored(make()).await;
+    reservation_with_a_lost_answer_is_freed_by_its_token(make()).await;
+    reservations_survive_capacity_pressure(make()).await;
 }
 
 async fn only_one_of_two_reservations_wins<S: IdempotencyStore>(store: S) {
     acquire(&store, "k").await;
-    match store.reserve("k", Fingerprint([9; 32]), LEASE).await {
+    let stranger = ReservationToken::generate();
+    match store
+        .reserve("k", stranger, Fingerprint([9; 32]), LEASE)
+        .await
+    {
         Ok(Reservation::InFlight {
             fingerprint,
             remaining_lease,
@@ -70,7 +104,14 @@ async fn completed_record_is_returned_to_later_reservations<S: IdempotencyStore>
     let token = acquire(&store, "k").await;
     let completion = store.complete("k", token, record("first"), TTL).await;
     assert_eq!(completion.ok(), Some(Completion::Stored));
-    match store.reserve("k", Fingerprint([7; 32]), LEASE).await {
+    let repeated = store.complete("k", token, record("first"), TTL).await;
+    assert_eq!(
+        repeated.ok(),
+        Some(Completion::Stored),
+        "repeating a completion whose answer was lost finds its own record"
+    );
+    let later = ReservationToken::generate();
+    match store.reserve("k", later, Fingerprint([7; 32]), LEASE).await {
         Ok(Reservation::Completed(stored)) => assert_eq!(*stored, record("first")),
         other => panic!("expected the completed record, got {other:?}"),
     }
@@ -94,11 +135,16 @@ async fn stale_token_cannot_complete_or_release<S: IdempotencyStore>(store: S) {
     );
     assert!(store.release("k", stranger).await.is_ok());
     assert!(
-        matches!(
-            store.reserve("k", Fingerprint([7; 32]), LEASE).await,
-            Ok(Reservation::InFlight { .. })
-        ),
+        is_in_flight(&store, "k").await,
         "a stranger's release must not free the owner's key"
+    );
+    assert_eq!(
+        store
+            .renew("k", stranger, Fingerprint([9; 32]), LEASE)
+            .await
+            .ok(),
+        Some(Renewal::Lost),
+        "a stranger cannot renew the owner's reservation"
     );
     assert_eq!(
         store.complete("k", owner, record("owner"), TTL).await.ok(),
@@ -107,11 +153,7 @@ async fn stale_token_cannot_complete_or_release<S: IdempotencyStore>(store: S) {
 }
 
 async fn expired_lease_frees_the_key<S: IdempotencyStore>(store: S) {
-    let short = Duration::from_millis(150);
-    let first = match store.reserve("k", Fingerprint([7; 32]), short).await {
-        Ok(Reservation::Acquired(token)) => token,
-        other => panic!("expected to acquire, got {other:?}"),
-    };
+    let first = acquire_for(&store, "k", Duration::from_millis(150)).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let second = acquire(&store, "k").await;
     assert_ne!(first, second);
@@ -146,11 +188,12 @@ where
                     .build();
                 let Ok(runtime) = runtime else { return false };
                 runtime.block_on(async {
+                    let token = ReservationToken::generate();
                     matches!(
                         store
-                            .reserve("contended", Fingerprint([7; 32]), LEASE)
+                            .reserve("contended", token, Fingerprint([7; 32]), LEASE)
                             .await,
-                        Ok(Reservation::Acquired(_))
+                        Ok(Reservation::Acquired)
                     )
                 })
             })
@@ -165,4 +208,188 @@ where
         winners, 1,
         "exactly one of 16 concurrent reservations must acquire the key"
     );
+}
+
+/// The lease is a crash timeout, not a run-time limit: an owner that renews keeps its key
+/// however long it runs, and loses it one lease after it stops renewing.
+async fn renewal_keeps_a_reservation_past_its_lease<S: IdempotencyStore>(store: S) {
+    let lease = Duration::from_millis(300);
+    let owner = acquire_for(&store, "k", lease).await;
+    for _ in 0..6 {
+        tokio::time::sleep(lease / 3).await;
+        assert_eq!(
+            store
+                .renew("k", owner, Fingerprint([7; 32]), lease)
+                .await
+                .ok(),
+            Some(Renewal::Renewed)
+        );
+    }
+    assert!(
+        is_in_flight(&store, "k").await,
+        "a renewed reservation outlives its first lease"
+    );
+    tokio::time::sleep(lease * 3).await;
+    let successor = acquire(&store, "k").await;
+    assert_eq!(
+        store
+            .renew("k", owner, Fingerprint([7; 32]), lease)
+            .await
+            .ok(),
+        Some(Renewal::Lost),
+        "an owner whose key was taken over cannot renew it"
+    );
+    assert!(store.release("k", successor).await.is_ok());
+}
+
+/// A reservation the store lost (a restart, an expiry between two renewals) is made again by
+/// its owner's next renewal, as long as nobody took the key meanwhile.
+async fn renewal_restores_a_reservation_nobody_took<S: IdempotencyStore>(store: S) {
+    let owner = acquire_for(&store, "k", Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store
+            .renew("k", owner, Fingerprint([7; 32]), LEASE)
+            .await
+            .ok(),
+        Some(Renewal::Restored)
+    );
+    match store
+        .reserve(
+            "k",
+            ReservationToken::generate(),
+            Fingerprint([9; 32]),
+            LEASE,
+        )
+        .await
+    {
+        Ok(Reservation::InFlight { fingerprint, .. }) => assert_eq!(
+            fingerprint,
+            Fingerprint([7; 32]),
+            "the restored reservation carries the owner's fingerprint"
+        ),
+        other => panic!("the restored reservation must hold the key, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .complete("k", owner, record("restored"), TTL)
+            .await
+            .ok(),
+        Some(Completion::Stored)
+    );
+}
+
+async fn renewal_of_a_completed_key_is_lost<S: IdempotencyStore>(store: S) {
+    let owner = acquire(&store, "k").await;
+    assert_eq!(
+        store.complete("k", owner, record("done"), TTL).await.ok(),
+        Some(Completion::Stored)
+    );
+    assert_eq!(
+        store
+            .renew("k", owner, Fingerprint([7; 32]), LEASE)
+            .await
+            .ok(),
+        Some(Renewal::Lost),
+        "renewing must never turn a record back into a reservation"
+    );
+    assert!(matches!(
+        store
+            .reserve(
+                "k",
+                ReservationToken::generate(),
+                Fingerprint([7; 32]),
+                LEASE
+            )
+            .await,
+        Ok(Reservation::Completed(_))
+    ));
+}
+
+/// A handler that finished after its lease ran out, with nobody else on the key, still leaves
+/// its record: otherwise the retry would run it again.
+async fn late_completion_of_a_key_nobody_took_is_stored<S: IdempotencyStore>(store: S) {
+    let owner = acquire_for(&store, "k", Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.complete("k", owner, record("late"), TTL).await.ok(),
+        Some(Completion::StoredWithoutReservation)
+    );
+    match store
+        .reserve(
+            "k",
+            ReservationToken::generate(),
+            Fingerprint([7; 32]),
+            LEASE,
+        )
+        .await
+    {
+        Ok(Reservation::Completed(stored)) => assert_eq!(*stored, record("late")),
+        other => panic!("the late record must be replayed, got {other:?}"),
+    }
+}
+
+/// The caller makes the token before reserving, so a reservation whose answer never arrived
+/// (a timeout after the command ran, a dropped future) is freed by releasing that token.
+async fn reservation_with_a_lost_answer_is_freed_by_its_token<S: IdempotencyStore>(store: S) {
+    let token = ReservationToken::generate();
+    let _answer_lost = store.reserve("k", token, Fingerprint([7; 32]), LEASE).await;
+    assert!(store.release("k", token).await.is_ok());
+    acquire(&store, "k").await;
+    let never_reserved = ReservationToken::generate();
+    assert!(
+        store.release("k", never_reserved).await.is_ok(),
+        "releasing a token that reserved nothing is harmless"
+    );
+    assert!(is_in_flight(&store, "k").await);
+}
+
+/// Filling the store with records never drops a reservation: the key stays held, and its
+/// owner can still complete it.
+async fn reservations_survive_capacity_pressure<S: IdempotencyStore>(store: S) {
+    let held = acquire(&store, "held").await;
+    let body = Bytes::from(vec![b'x'; 1024]);
+    for n in 0..200 {
+        let key = format!("filler-{n}");
+        let token = acquire(&store, &key).await;
+        let stored = store
+            .complete(&key, token, record_with(body.clone()), TTL)
+            .await;
+        assert!(
+            matches!(stored, Ok(Completion::Stored)),
+            "filler {n}: {stored:?}"
+        );
+        let replayed = store
+            .reserve(
+                &key,
+                ReservationToken::generate(),
+                Fingerprint([7; 32]),
+                LEASE,
+            )
+            .await;
+        assert!(
+            matches!(replayed, Ok(Reservation::Completed(_))),
+            "{replayed:?}"
+        );
+    }
+    assert!(
+        is_in_flight(&store, "held").await,
+        "a reservation must survive a full store"
+    );
+    assert_eq!(
+        store.complete("held", held, record("held"), TTL).await.ok(),
+        Some(Completion::Stored)
+    );
+    match store
+        .reserve(
+            "held",
+            ReservationToken::generate(),
+            Fingerprint([7; 32]),
+            LEASE,
+        )
+        .await
+    {
+        Ok(Reservation::Completed(stored)) => assert_eq!(*stored, record("held")),
+        other => panic!("the newest record must be kept, got {other:?}"),
+    }
 }

@@ -4,7 +4,7 @@ use std::{future::Future, time::Duration};
 
 use futures_util::future::LocalBoxFuture;
 
-use super::{CompletedRecord, Completion, Reservation, ReservationToken};
+use super::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
 
 /// A backend that keeps idempotency records.
@@ -12,23 +12,51 @@ use crate::{Fingerprint, StoreError};
 /// The contract every implementation must keep (and the shared store test suite checks):
 /// - [`reserve`](Self::reserve) is one atomic step: of any number of concurrent calls for a free
 ///   key, exactly one gets [`Reservation::Acquired`];
-/// - a reservation expires after its `lease` unless completed, freeing the key;
-/// - [`complete`](Self::complete) and [`release`](Self::release) act only when the token still
-///   owns the key, so an owner whose lease ran out cannot overwrite a newer owner's record;
-/// - completed records expire after the `ttl` given to [`complete`](Self::complete).
+/// - a reservation is never evicted or refused admission to make room for records: it lasts
+///   until it is completed or released, or until its `lease` runs out without a
+///   [`renew`](Self::renew). A store that cannot take one more answers
+///   [`StoreError::Full`], never a reservation it may drop;
+/// - [`complete`](Self::complete), [`renew`](Self::renew) and [`release`](Self::release) act
+///   only for the token that owns the key, or (complete and renew) on a key nobody holds, so an
+///   owner whose lease ran out can never overwrite a newer owner's reservation or record;
+/// - completed records expire after the `ttl` given to [`complete`](Self::complete); a store
+///   with a memory bound may evict them earlier, and must document in what order;
+/// - a value the store cannot decode is reported as [`Reservation::Unreadable`], not as an
+///   error: it is a fact about the key, not an outage.
 ///
 /// Build a store once, outside `HttpServer::new`: that closure runs once per worker, and a
 /// per-worker in-memory store would let each worker run the same request once.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Atomically claims `key` for the request with `fingerprint`, or reports who holds it.
+    /// Atomically claims `key` for `token` (the request with `fingerprint`) for `lease`, or
+    /// reports who holds it.
+    ///
+    /// The caller makes the token first, so that when the answer is lost (an error after the
+    /// command may have run, a dropped future) it can free the key with
+    /// [`release`](Self::release) instead of leaving it locked for a lease.
     fn reserve(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> impl Future<Output = Result<Reservation, StoreError>>;
 
-    /// Replaces the reservation held by `token` with `record`, kept for `ttl`.
+    /// Extends the reservation held by `token` to `lease` from now, while its handler runs.
+    ///
+    /// If the reservation is gone and nobody else holds or completed the key, it is made again
+    /// (with `fingerprint`) and [`Renewal::Restored`] says so: that is how a reservation survives
+    /// a store that lost it.
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>>;
+
+    /// Replaces the reservation held by `token` with `record`, kept for `ttl`. If the reservation
+    /// is gone and nobody else holds or completed the key, the record is stored all the same
+    /// ([`Completion::StoredWithoutReservation`]).
     fn complete(
         &self,
         key: &str,
@@ -60,9 +88,18 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn reserve<'a>(
         &'a self,
         key: &'a str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> LocalBoxFuture<'a, Result<Reservation, StoreError>>;
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> LocalBoxFuture<'a, Result<Renewal, StoreError>>;
 
     fn complete<'a>(
         &'a self,
@@ -85,10 +122,33 @@ impl<S: IdempotencyStore> DynStore for S {
     fn reserve<'a>(
         &'a self,
         key: &'a str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> LocalBoxFuture<'a, Result<Reservation, StoreError>> {
-        Box::pin(IdempotencyStore::reserve(self, key, fingerprint, lease))
+        Box::pin(IdempotencyStore::reserve(
+            self,
+            key,
+            token,
+            fingerprint,
+            lease,
+        ))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> LocalBoxFuture<'a, Result<Renewal, StoreError>> {
+        Box::pin(IdempotencyStore::renew(
+            self,
+            key,
+            token,
+            fingerprint,
+            lease,
+        ))
     }
 
     fn complete<'a>(

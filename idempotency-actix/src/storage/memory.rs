@@ -1,4 +1,11 @@
 //! The in-process store, on moka.
+//!
+//! Reservations and completed records live in two caches. Reservations are few (one per
+//! request in flight) and must never be dropped to make room, so their cache has no size bound
+//! and entries leave it only when completed, released, or when their lease runs out. Records
+//! are many and may be dropped, oldest use first, when the memory bound is reached. Every
+//! operation on a key runs under the reservation cache's per-key lock, which is what makes
+//! "no reservation and no record, so reserve" one atomic step across the two caches.
 
 use std::{
     future::{ready, Future},
@@ -10,54 +17,133 @@ use std::{
 };
 
 use moka::{
+    notification::RemovalCause,
     ops::compute::{CompResult, Op},
+    policy::EvictionPolicy,
     sync::Cache,
     Expiry,
 };
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken};
+use super::{
+    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+};
 use crate::{Fingerprint, StoreError};
 
-/// What one key holds.
+/// The longest lease or TTL the store represents; longer ones are cut to it rather than
+/// overflowing a clock.
+const LONGEST_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// How often, at most, record evictions are logged.
+const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A key whose handler is running.
 #[derive(Debug, Clone)]
-enum Slot {
-    InFlight {
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        expires_at: Instant,
-        /// Wakes the duplicates waiting for this reservation to end.
-        ended: Arc<Notify>,
-    },
-    Completed {
-        record: Arc<CompletedRecord>,
-        ttl: Duration,
-    },
+struct InFlight {
+    token: ReservationToken,
+    fingerprint: Fingerprint,
+    expires_at: Instant,
+    /// Wakes the duplicates waiting for this reservation to end.
+    ended: Arc<Notify>,
 }
 
-/// Each slot expires on its own clock: a reservation after its lease, a record after its TTL.
-struct SlotExpiry;
+impl InFlight {
+    fn new(
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        now: Instant,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            token,
+            fingerprint,
+            expires_at: deadline(now, lease),
+            ended: Arc::new(Notify::new()),
+        }
+    }
+}
 
-impl Expiry<String, Slot> for SlotExpiry {
-    fn expire_after_create(&self, _key: &String, slot: &Slot, now: Instant) -> Option<Duration> {
-        Some(slot_lifetime(slot, now))
+/// A completed key and how long it is kept.
+#[derive(Debug, Clone)]
+struct Kept {
+    record: Arc<CompletedRecord>,
+    ttl: Duration,
+}
+
+fn deadline(now: Instant, lifetime: Duration) -> Instant {
+    now.checked_add(lifetime.min(LONGEST_LIFETIME))
+        .unwrap_or(now)
+}
+
+/// A reservation expires when its lease (last set by `reserve` or `renew`) runs out.
+struct LeaseExpiry;
+
+impl Expiry<String, InFlight> for LeaseExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        slot: &InFlight,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(slot.expires_at.saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _key: &String,
-        slot: &Slot,
+        slot: &InFlight,
         now: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
-        Some(slot_lifetime(slot, now))
+        Some(slot.expires_at.saturating_duration_since(now))
     }
 }
 
-fn slot_lifetime(slot: &Slot, now: Instant) -> Duration {
-    match slot {
-        Slot::InFlight { expires_at, .. } => expires_at.saturating_duration_since(now),
-        Slot::Completed { ttl, .. } => *ttl,
+/// A record expires after its TTL.
+struct TtlExpiry;
+
+impl Expiry<String, Kept> for TtlExpiry {
+    fn expire_after_create(&self, _key: &String, kept: &Kept, _now: Instant) -> Option<Duration> {
+        Some(kept.ttl.min(LONGEST_LIFETIME))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        kept: &Kept,
+        _now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(kept.ttl.min(LONGEST_LIFETIME))
+    }
+}
+
+/// Counts records evicted before their TTL, and warns about them at a bounded rate.
+#[derive(Debug, Default)]
+struct Evictions {
+    total: AtomicU64,
+    /// When the last warning went out, and how many evictions it had counted.
+    last_warning: Mutex<Option<(Instant, u64)>>,
+}
+
+impl Evictions {
+    fn record(&self) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        let mut last = self.last_warning.lock();
+        let since = match *last {
+            Some((at, _)) if now.duration_since(at) < EVICTION_WARNING_INTERVAL => return,
+            Some((_, counted)) => total - counted,
+            None => total,
+        };
+        *last = Some((now, total));
+        drop(last);
+        log::warn!(
+            "idempotency: the memory store is full and evicted {since} record(s) before their \
+             TTL ({total} in all); a retry of an evicted key runs its handler again. \
+             Raise MemoryStore::builder().max_bytes(..) or shorten record_ttl"
+        );
     }
 }
 
@@ -69,24 +155,41 @@ fn slot_lifetime(slot: &Slot, now: Instant) -> Duration {
 /// Create it once, outside `HttpServer::new`, and hand clones to the middleware: clones share
 /// their records.
 ///
+/// # Capacity
+///
+/// Reservations (requests whose handler is running) are kept apart from completed records and
+/// are never evicted: they leave only when their request completes, or when their lease runs
+/// out without renewal. Past [`max_in_flight`](MemoryStoreBuilder::max_in_flight) of them, new
+/// keyed requests get 503 and do not run.
+///
+/// Completed records share [`max_bytes`](MemoryStoreBuilder::max_bytes). When it is reached,
+/// the least recently used records (written or replayed longest ago) are evicted before their
+/// TTL. That is the capacity trade-off: a retry whose record was evicted runs its handler
+/// again. Evictions are counted ([`capacity_evictions`](Self::capacity_evictions)) and logged
+/// as a warning at most once a minute.
+///
 /// ```
 /// use idempotency_actix::MemoryStore;
 ///
 /// let store = MemoryStore::builder().max_bytes(64 * 1024 * 1024).build();
 /// let shared = store.clone(); // same records
-/// # let _ = shared;
+/// assert_eq!(shared.capacity_evictions(), 0);
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Slot>,
-    next_token: Arc<AtomicU64>,
+    reservations: Cache<String, InFlight>,
+    records: Cache<String, Kept>,
+    max_in_flight: u64,
+    evictions: Arc<Evictions>,
 }
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_size", &self.cache.weighted_size())
+            .field("in_flight", &self.reservations.entry_count())
+            .field("records", &self.records.entry_count())
+            .field("weighted_size", &self.records.weighted_size())
+            .field("capacity_evictions", &self.capacity_evictions())
             .finish()
     }
 }
@@ -98,54 +201,95 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A builder to set the store's memory bound.
+    /// A builder to set the store's bounds.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_bytes: 256 * 1024 * 1024,
+            max_in_flight: 100_000,
         }
+    }
+
+    /// How many completed records were evicted before their TTL because the store was full.
+    pub fn capacity_evictions(&self) -> u64 {
+        self.evictions.total.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, key: &str) -> Option<Arc<CompletedRecord>> {
+        self.records.get(key).map(|kept| kept.record)
     }
 
     fn reserve_now(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
-        let token = ReservationToken(self.next_token.fetch_add(1, Ordering::Relaxed));
         let now = Instant::now();
-        // One atomic step per key: moka runs the closure under the key's lock.
+        let mut found = None;
+        let mut full = false;
         let result = self
-            .cache
+            .reservations
             .entry(key.to_owned())
-            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(Slot::InFlight { expires_at, .. }) if expires_at > now => Op::Nop,
-                Some(Slot::Completed { .. }) => Op::Nop,
-                _ => Op::Put(Slot::InFlight {
-                    token,
-                    fingerprint,
-                    expires_at: now + lease,
-                    ended: Arc::new(Notify::new()),
-                }),
+            .and_compute_with(|existing| {
+                if existing.is_some() {
+                    return Op::Nop;
+                }
+                found = self.record(key);
+                full = found.is_none() && self.reservations.entry_count() >= self.max_in_flight;
+                if found.is_some() || full {
+                    return Op::Nop;
+                }
+                Op::Put(InFlight::new(token, fingerprint, now, lease))
             });
+        if let Some(record) = found {
+            return Ok(Reservation::Completed(record));
+        }
+        if full {
+            return Err(StoreError::Full(format!(
+                "{} requests are in flight (max_in_flight)",
+                self.max_in_flight
+            )));
+        }
         match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
-                Ok(Reservation::Acquired(token))
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => Ok(Reservation::Acquired),
+            CompResult::Unchanged(entry) => {
+                let owner = entry.into_value();
+                Ok(Reservation::InFlight {
+                    fingerprint: owner.fingerprint,
+                    remaining_lease: owner.expires_at.saturating_duration_since(now),
+                })
             }
-            CompResult::Unchanged(entry) => Ok(match entry.into_value() {
-                Slot::InFlight {
-                    fingerprint,
-                    expires_at,
-                    ..
-                } => Reservation::InFlight {
-                    fingerprint,
-                    remaining_lease: expires_at.saturating_duration_since(now),
-                },
-                Slot::Completed { record, .. } => Reservation::Completed(record),
-            }),
             CompResult::StillNone(_) | CompResult::Removed(_) => Err(StoreError::Corrupt(
                 "the reservation vanished while it was being made".to_owned(),
             )),
         }
+    }
+
+    fn renew_now(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Renewal {
+        let now = Instant::now();
+        let mut renewal = Renewal::Lost;
+        self.reservations
+            .entry(key.to_owned())
+            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
+                Some(mut ours) if ours.token == token => {
+                    renewal = Renewal::Renewed;
+                    ours.expires_at = deadline(now, lease);
+                    Op::Put(ours)
+                }
+                None if !self.records.contains_key(key) => {
+                    renewal = Renewal::Restored;
+                    Op::Put(InFlight::new(token, fingerprint, now, lease))
+                }
+                _ => Op::Nop,
+            });
+        renewal
     }
 
     fn complete_now(
@@ -155,47 +299,65 @@ impl MemoryStore {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Completion {
-        let record = Arc::new(record);
-        let ended = self.end_reservation(key, token, Op::Put(Slot::Completed { record, ttl }));
-        if ended {
-            Completion::Stored
-        } else {
-            Completion::LostReservation
-        }
-    }
-
-    /// Applies `op` to `key` if `token` still holds its reservation, and wakes its waiters.
-    fn end_reservation(&self, key: &str, token: ReservationToken, op: Op<Slot>) -> bool {
+        let kept = Kept {
+            record: Arc::new(record),
+            ttl,
+        };
+        let mut completion = Completion::LostReservation;
         let mut waiters = None;
-        self.cache
+        self.reservations
             .entry(key.to_owned())
             .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(Slot::InFlight {
-                    token: owner,
-                    ended,
-                    ..
-                }) if owner == token => {
-                    waiters = Some(ended);
-                    op
+                Some(ours) if ours.token == token => {
+                    // The record goes in before the reservation goes out, both under the
+                    // reservation's lock: a concurrent reserve sees one or the other.
+                    self.records.insert(key.to_owned(), kept);
+                    completion = Completion::Stored;
+                    waiters = Some(ours.ended);
+                    Op::Remove
+                }
+                None => {
+                    match self.record(key) {
+                        None => {
+                            self.records.insert(key.to_owned(), kept);
+                            completion = Completion::StoredWithoutReservation;
+                        }
+                        // A repeated completion finds its own record.
+                        Some(stored) if *stored == *kept.record => completion = Completion::Stored,
+                        Some(_) => {}
+                    }
+                    Op::Nop
                 }
                 _ => Op::Nop,
             });
-        match waiters {
-            Some(ended) => {
-                ended.notify_waiters();
-                true
-            }
-            None => false,
+        if let Some(ended) = waiters {
+            ended.notify_waiters();
+        }
+        completion
+    }
+
+    fn release_now(&self, key: &str, token: ReservationToken) {
+        let mut waiters = None;
+        self.reservations
+            .entry(key.to_owned())
+            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
+                Some(ours) if ours.token == token => {
+                    waiters = Some(ours.ended);
+                    Op::Remove
+                }
+                _ => Op::Nop,
+            });
+        if let Some(ended) = waiters {
+            ended.notify_waiters();
         }
     }
 
     async fn wait_for_end(&self, key: &str, within: Duration) {
-        let ended = match self.cache.get(key) {
-            Some(Slot::InFlight { ended, .. }) => ended,
-            _ => return,
+        let Some(owner) = self.reservations.get(key) else {
+            return;
         };
         // Registered on creation: a notification between the lookup and the await is not lost.
-        let notified = ended.notified();
+        let notified = owner.ended.notified();
         let _ = tokio::time::timeout(within, notified).await;
     }
 }
@@ -204,10 +366,21 @@ impl IdempotencyStore for MemoryStore {
     fn reserve(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> impl Future<Output = Result<Reservation, StoreError>> {
-        ready(self.reserve_now(key, fingerprint, lease))
+        ready(self.reserve_now(key, token, fingerprint, lease))
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
+        ready(Ok(self.renew_now(key, token, fingerprint, lease)))
     }
 
     fn complete(
@@ -225,7 +398,7 @@ impl IdempotencyStore for MemoryStore {
         key: &str,
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
-        self.end_reservation(key, token, Op::Remove);
+        self.release_now(key, token);
         ready(Ok(()))
     }
 
@@ -239,11 +412,13 @@ impl IdempotencyStore for MemoryStore {
 #[must_use]
 pub struct MemoryStoreBuilder {
     max_bytes: u64,
+    max_in_flight: u64,
 }
 
 impl MemoryStoreBuilder {
-    /// The approximate memory bound: stored bodies and headers plus a fixed cost per key.
-    /// Least recently used records are evicted past it.
+    /// The approximate memory bound of completed records: stored bodies and headers plus a
+    /// fixed cost per key. Past it, the least recently used records are evicted before their
+    /// TTL (see [`MemoryStore`]'s capacity section). Reservations do not count against it.
     ///
     /// Defaults to 256 MiB.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
@@ -251,25 +426,46 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// How many requests may be in flight (reserved, handler running) at once; past it, new
+    /// keyed requests get 503 without running. The count is approximate by a few entries under
+    /// heavy concurrency.
+    ///
+    /// Defaults to 100 000.
+    pub fn max_in_flight(mut self, max_in_flight: u64) -> Self {
+        self.max_in_flight = max_in_flight;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         const PER_KEY_COST: usize = 128;
-        let cache = Cache::builder()
+        let evictions = Arc::new(Evictions::default());
+        let listener = {
+            let evictions = Arc::clone(&evictions);
+            move |_key: Arc<String>, _kept: Kept, cause: RemovalCause| {
+                if cause == RemovalCause::Size {
+                    evictions.record();
+                }
+            }
+        };
+        let records = Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(|key: &String, slot: &Slot| {
-                let payload = match slot {
-                    Slot::InFlight { .. } => 0,
-                    Slot::Completed { record, .. } => {
-                        record.response.as_ref().map_or(0, |r| r.size_hint())
-                    }
-                };
+            // Plain LRU: moka's default admission filter would refuse a fresh record that
+            // has been used less often than the ones it would evict.
+            .eviction_policy(EvictionPolicy::lru())
+            .weigher(|key: &String, kept: &Kept| {
+                let payload = kept.record.response.as_ref().map_or(0, |r| r.size_hint());
                 u32::try_from(key.len() + payload + PER_KEY_COST).unwrap_or(u32::MAX)
             })
-            .expire_after(SlotExpiry)
+            .expire_after(TtlExpiry)
+            .eviction_listener(listener)
             .build();
+        let reservations = Cache::builder().expire_after(LeaseExpiry).build();
         MemoryStore {
-            cache,
-            next_token: Arc::new(AtomicU64::new(1)),
+            reservations,
+            records,
+            max_in_flight: self.max_in_flight,
+            evictions,
         }
     }
 }
@@ -284,6 +480,38 @@ mod tests {
         conformance::run_all(MemoryStore::default).await;
     }
 
+    /// The same suite on a store small enough for its capacity case to evict records.
+    #[actix_rt::test]
+    async fn a_small_memory_store_keeps_the_store_contract() {
+        conformance::run_all(|| MemoryStore::builder().max_bytes(16 * 1024).build()).await;
+    }
+
+    #[actix_rt::test]
+    async fn reservations_past_max_in_flight_are_refused_as_full() {
+        let store = MemoryStore::builder().max_in_flight(2).build();
+        let lease = Duration::from_secs(30);
+        for key in ["a", "b"] {
+            let reserved = store.reserve_now(
+                key,
+                ReservationToken::generate(),
+                Fingerprint([1; 32]),
+                lease,
+            );
+            assert!(
+                matches!(reserved, Ok(Reservation::Acquired)),
+                "{reserved:?}"
+            );
+        }
+        store.reservations.run_pending_tasks();
+        let refused = store.reserve_now(
+            "c",
+            ReservationToken::generate(),
+            Fingerprint([1; 32]),
+            lease,
+        );
+        assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
+    }
+
     /// Waiters are woken by the end of the reservation, not by their own deadline: the
     /// deadlines here are far longer than the test allows.
     #[actix_rt::test]
@@ -292,8 +520,9 @@ mod tests {
         let lease = Duration::from_secs(30);
         for complete in [true, false] {
             let key = format!("k-{complete}");
-            let Ok(Reservation::Acquired(token)) =
-                store.reserve_now(&key, Fingerprint([1; 32]), lease)
+            let token = ReservationToken::generate();
+            let Ok(Reservation::Acquired) =
+                store.reserve_now(&key, token, Fingerprint([1; 32]), lease)
             else {
                 panic!("expected to acquire");
             };

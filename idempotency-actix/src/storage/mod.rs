@@ -12,7 +12,7 @@ pub(crate) use interface::DynStore;
 pub use interface::IdempotencyStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use record::{
-    CompletedRecord, Completion, Reservation, ReservationToken, StoredResponse,
+    CompletedRecord, Completion, Renewal, Reservation, ReservationToken, StoredResponse,
     RECORD_FORMAT_VERSION,
 };
 

@@ -1,6 +1,14 @@
 //! The versioned records a store keeps.
 
-use std::time::Duration;
+use std::{
+    collections::hash_map::RandomState,
+    hash::{BuildHasher, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -69,17 +77,36 @@ impl CompletedRecord {
     }
 }
 
-/// Proof of a reservation, handed back to [`complete`](super::IdempotencyStore::complete) and
-/// [`release`](super::IdempotencyStore::release) so that only the current owner can finish a key.
+/// Proof of a reservation, handed back to [`complete`](super::IdempotencyStore::complete),
+/// [`renew`](super::IdempotencyStore::renew) and [`release`](super::IdempotencyStore::release) so
+/// that only the current owner can finish a key.
+///
+/// The caller makes the token before it asks for the reservation, so that a reservation whose
+/// answer was lost (a timeout after the command was sent, a dropped future) can still be freed
+/// with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReservationToken(pub u64);
+
+impl ReservationToken {
+    /// A token no other reservation in this or any other process is expected to carry: a
+    /// per-process random seed mixed with a per-process counter.
+    pub fn generate() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| RandomState::new().build_hasher().finish());
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(seed);
+        hasher.write_u64(COUNT.fetch_add(1, Ordering::Relaxed));
+        Self(hasher.finish())
+    }
+}
 
 /// What [`reserve`](super::IdempotencyStore::reserve) found.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Reservation {
-    /// The key was free (or its previous owner's lease ran out): the caller now owns it.
-    Acquired(ReservationToken),
+    /// The key was free (or its previous owner's lease ran out): the caller's token now owns it.
+    Acquired,
     /// Another request owns the key and has not finished.
     InFlight {
         /// The fingerprint of the request that owns the key.
@@ -89,14 +116,39 @@ pub enum Reservation {
     },
     /// The key is done; here is its record.
     Completed(std::sync::Arc<CompletedRecord>),
+    /// The key holds a value this version cannot read: corrupt, or written in another
+    /// [`RECORD_FORMAT_VERSION`]. The operation it stands for may have run, so it must not run
+    /// again, and its response cannot be replayed.
+    Unreadable {
+        /// Why it could not be read, for the log.
+        reason: String,
+    },
 }
 
 /// What [`complete`](super::IdempotencyStore::complete) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Completion {
-    /// The record was stored.
+    /// The caller's reservation was replaced by the record.
     Stored,
-    /// The caller's lease had run out and the key was taken over or freed: nothing was written.
+    /// The caller's reservation had gone (its lease ran out, or the store lost it) but no other
+    /// request had taken the key, so the record was stored all the same.
+    StoredWithoutReservation,
+    /// Another request took the key (or completed it) after the caller's reservation had gone:
+    /// nothing was written.
     LostReservation,
+}
+
+/// What [`renew`](super::IdempotencyStore::renew) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Renewal {
+    /// The caller's reservation runs for another lease.
+    Renewed,
+    /// The caller's reservation had gone (the store lost it, or the lease ran out between two
+    /// renewals) and nobody had taken the key: it was made again for another lease.
+    Restored,
+    /// Another request owns or completed the key: the caller's handler is no longer protected
+    /// and its record will not be stored.
+    Lost,
 }

@@ -1,15 +1,6 @@
 //! The Redis store: one shared state for any number of instances.
 
-use std::{
-    collections::hash_map::RandomState,
-    future::Future,
-    hash::{BuildHasher, Hasher},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -17,7 +8,9 @@ use redis::{
 };
 use tokio::sync::OnceCell;
 
-use super::{CompletedRecord, Completion, IdempotencyStore, Reservation, ReservationToken};
+use super::{
+    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+};
 use crate::{Fingerprint, StoreError};
 
 /// Claims a free key (or one whose lease ran out: Redis expired it), in one step.
@@ -34,10 +27,34 @@ end
 return {2, current}
 ";
 
-/// Replaces the reservation whose value starts with ARGV[1] (the owner's token) by the record.
+/// Extends the reservation whose value starts with ARGV[1] (the owner's token) to ARGV[3] ms,
+/// or makes it again (value ARGV[2]) if the key is empty. Returns 1 renewed, 2 restored, 0 lost.
+const RENEW: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 2
+end
+if string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Replaces the reservation whose value starts with ARGV[1] (the owner's token) by the record,
+/// or stores the record in an empty key. Returns 1 stored, 2 stored without reservation, 0 lost.
+/// Repeating a completion whose answer was lost finds its own record and reports it stored.
 const COMPLETE: &str = r"
 local current = redis.call('GET', KEYS[1])
-if current and string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
+if current == ARGV[2] then
+  return 1
+end
+if not current then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 2
+end
+if string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -57,6 +74,10 @@ return 0
 const IN_FLIGHT: u8 = b'i';
 const COMPLETED: u8 = b'c';
 
+/// The longest lease or TTL sent to Redis; longer ones are cut to it, since Redis refuses an
+/// expiry past its clock's range.
+const LONGEST_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// A store on Redis, shared by every instance that points at the same server and key prefix.
 ///
 /// Each operation is one Lua script on one key, so a fresh request costs two round trips
@@ -65,8 +86,21 @@ const COMPLETED: u8 = b'c';
 /// token inside the script, so an owner whose lease ran out cannot overwrite a newer owner.
 ///
 /// The connection is made on first use and remade after a failure, so a server started before
-/// Redis is reachable recovers by itself. Run Redis with `maxmemory-policy noeviction`: an
-/// evicted reservation would let a duplicate run.
+/// Redis is reachable recovers by itself.
+///
+/// # What Redis must be configured for
+///
+/// - `maxmemory-policy noeviction`: an evicted reservation would let a duplicate run, and an
+///   evicted record would let a retry run again. With `noeviction` a full Redis refuses new
+///   reservations, and those requests get 503 whatever the
+///   [`StoreOutage`](crate::StoreOutage) policy.
+/// - Persistence (`appendonly yes`, with `appendfsync always` for no loss, or `everysec` for
+///   up to a second of loss) if completed records must survive a Redis restart. Without it a
+///   restart forgets every record: retries of requests completed before it run again.
+///   Reservations of requests still running are made again by their next renewal.
+///
+/// On its first connection the store reads these settings (`CONFIG GET`, where allowed) and
+/// logs a warning for each that does not hold.
 ///
 /// ```no_run
 /// use idempotency_actix::{IdempotencyMiddleware, RedisStore};
@@ -91,8 +125,7 @@ struct Inner {
     reserve: Script,
     complete: Script,
     release: Script,
-    token_seed: u64,
-    next_token: AtomicU64,
+    renew: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -125,8 +158,14 @@ impl RedisStore {
         let inner = &self.inner;
         let connection = inner
             .connection
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(inner.client.clone(), inner.settings.clone())
+            .get_or_try_init(|| async {
+                let mut connection = ConnectionManager::new_with_config(
+                    inner.client.clone(),
+                    inner.settings.clone(),
+                )
+                .await?;
+                warn_about_unsafe_settings(&mut connection).await;
+                Ok(connection)
             })
             .await
             .map_err(backend)?;
@@ -137,49 +176,70 @@ impl RedisStore {
         format!("{}{key}", self.inner.prefix)
     }
 
-    fn new_token(&self) -> ReservationToken {
-        // Unique across instances: a per-process random seed mixed with a per-process counter.
-        let count = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u64(self.inner.token_seed);
-        hasher.write_u64(count);
-        ReservationToken(hasher.finish())
-    }
-
     async fn reserve_key(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
-        let token = self.new_token();
-        let mut value = owner_prefix(token);
-        value.extend_from_slice(&fingerprint.0);
         let mut connection = self.connection().await?;
         let answer: Vec<Value> = self
             .inner
             .reserve
             .key(self.key(key))
-            .arg(value)
+            .arg(reservation_value(token, fingerprint))
             .arg(millis(lease))
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
+        let unreadable = |error: StoreError| Reservation::Unreadable {
+            reason: error.to_string(),
+        };
         match answer.as_slice() {
-            [Value::Int(0)] => Ok(Reservation::Acquired(token)),
+            [Value::Int(0)] => Ok(Reservation::Acquired),
             [Value::Int(1), Value::BulkString(current), Value::Int(pttl)] => {
-                Ok(Reservation::InFlight {
-                    fingerprint: in_flight_fingerprint(current)?,
-                    remaining_lease: Duration::from_millis(u64::try_from(*pttl).unwrap_or(0)),
+                Ok(match in_flight_fingerprint(current) {
+                    Ok(fingerprint) => Reservation::InFlight {
+                        fingerprint,
+                        remaining_lease: Duration::from_millis(u64::try_from(*pttl).unwrap_or(0)),
+                    },
+                    Err(error) => unreadable(error),
                 })
             }
-            [Value::Int(2), Value::BulkString(current)] => {
-                Ok(Reservation::Completed(Arc::new(decode_record(current)?)))
-            }
+            [Value::Int(2), Value::BulkString(current)] => Ok(match decode_record(current) {
+                Ok(record) => Reservation::Completed(Arc::new(record)),
+                Err(error) => unreadable(error),
+            }),
             other => Err(StoreError::Corrupt(format!(
                 "unexpected answer to a reservation: {other:?}"
             ))),
         }
+    }
+
+    async fn renew_key(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        let mut connection = self.connection().await?;
+        let renewed: i64 = self
+            .inner
+            .renew
+            .key(self.key(key))
+            .arg(owner_prefix(token))
+            .arg(reservation_value(token, fingerprint))
+            .arg(millis(lease))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend)?;
+        Ok(match renewed {
+            1 => Renewal::Renewed,
+            2 => Renewal::Restored,
+            _ => Renewal::Lost,
+        })
     }
 
     async fn complete_key(
@@ -202,10 +262,10 @@ impl RedisStore {
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
-        Ok(if stored == 1 {
-            Completion::Stored
-        } else {
-            Completion::LostReservation
+        Ok(match stored {
+            1 => Completion::Stored,
+            2 => Completion::StoredWithoutReservation,
+            _ => Completion::LostReservation,
         })
     }
 
@@ -227,10 +287,21 @@ impl IdempotencyStore for RedisStore {
     fn reserve(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> impl Future<Output = Result<Reservation, StoreError>> {
-        self.reserve_key(key, fingerprint, lease)
+        self.reserve_key(key, token, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
+        self.renew_key(key, token, fingerprint, lease)
     }
 
     fn complete(
@@ -305,21 +376,67 @@ impl RedisStoreBuilder {
                 reserve: Script::new(RESERVE),
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
-                token_seed: RandomState::new().build_hasher().finish(),
-                next_token: AtomicU64::new(0),
+                renew: Script::new(RENEW),
             }),
         })
     }
 }
 
 fn backend(error: redis::RedisError) -> StoreError {
+    // A Redis at `maxmemory` under `noeviction` refuses writes with OOM: the store is full,
+    // which must never turn into an unprotected run the way an outage may under fail-open.
+    if error.code() == Some("OOM") {
+        return StoreError::Full(error.to_string());
+    }
     StoreError::Backend(Box::new(error))
 }
 
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
+    u64::try_from(duration.min(LONGEST_LIFETIME).as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+/// Logs a warning for each Redis setting that breaks the store's guarantees. Managed Redis
+/// services often refuse `CONFIG`; then nothing can be checked and nothing is logged.
+async fn warn_about_unsafe_settings(connection: &mut ConnectionManager) {
+    let setting = |name: &'static str| {
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut connection)
+                .await
+                .ok()
+                .and_then(|pair| pair.into_iter().nth(1))
+        }
+    };
+    if let Some(policy) = setting("maxmemory-policy").await {
+        if policy != "noeviction" {
+            log::warn!(
+                "idempotency: Redis runs with maxmemory-policy {policy}; under memory pressure \
+                 it may evict a reservation or record and let a request run twice. \
+                 Set maxmemory-policy noeviction"
+            );
+        }
+    }
+    let append_only = setting("appendonly").await;
+    let snapshots = setting("save").await;
+    if append_only.as_deref() == Some("no") && snapshots.as_deref() == Some("") {
+        log::warn!(
+            "idempotency: Redis keeps nothing on disk (appendonly no, no save points); a Redis \
+             restart forgets every completed record, and retries of those requests run again. \
+             Set appendonly yes for records that survive a restart"
+        );
+    }
+}
+
+/// A reservation's value: the in-flight marker, the owner's token, and the fingerprint.
+fn reservation_value(token: ReservationToken, fingerprint: Fingerprint) -> Vec<u8> {
+    let mut value = owner_prefix(token);
+    value.extend_from_slice(&fingerprint.0);
+    value
 }
 
 /// What a reservation's value starts with: the in-flight marker and the owner's token.
@@ -352,6 +469,12 @@ fn decode_record(value: &[u8]) -> Result<CompletedRecord, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        collections::hash_map::RandomState,
+        hash::{BuildHasher, Hasher},
+        sync::atomic::{AtomicU64, Ordering},
+    };
+
     use super::*;
     use crate::storage::conformance;
 

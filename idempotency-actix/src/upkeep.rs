@@ -1,0 +1,162 @@
+//! Keeping a reservation true despite slow handlers and store faults: renewal while the
+//! handler runs, retried completion and release, and the release of a reservation whose answer
+//! was lost.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    storage::{DynStore, Renewal, ReservationToken},
+    Fingerprint, StoreError,
+};
+
+/// The first pause between two attempts of a failed store operation, and the longest.
+const FIRST_RETRY: Duration = Duration::from_millis(20);
+const LONGEST_RETRY: Duration = Duration::from_secs(1);
+
+/// How many renewals fit in one lease: the reservation survives two failed renewals in a row.
+const RENEWALS_PER_LEASE: u32 = 3;
+
+/// `now + duration`, or `None` when that is past what the clock can represent (a timeout of
+/// `Duration::MAX` means "no deadline").
+pub(crate) fn deadline_after(duration: Duration) -> Option<Instant> {
+    Instant::now().checked_add(duration)
+}
+
+/// Renews the reservation `token` holds on `key` every third of `lease` while the future is
+/// polled; it never completes, so it is raced against the work it protects.
+///
+/// A renewal that finds the reservation gone makes it again (the store lost it: a restart
+/// without persistence, an eviction) and says so in the log; one that finds the key taken stops
+/// renewing and logs that the handler is no longer protected.
+pub(crate) async fn keep_reserved(
+    store: &dyn DynStore,
+    key: &str,
+    token: ReservationToken,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Infallible {
+    let period = lease / RENEWALS_PER_LEASE;
+    let mut pause = period;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = period;
+        match store.renew(key, token, fingerprint, lease).await {
+            Ok(Renewal::Renewed) => {}
+            Ok(Renewal::Restored) => log::warn!(
+                "idempotency: a reservation vanished while its handler ran and was made again; \
+                 the store lost it (a Redis restart without persistence, an eviction) or a \
+                 renewal came too late. A duplicate that arrived in between may have run"
+            ),
+            Ok(_) => {
+                log::error!(
+                    "idempotency: another request took over a key while its handler ran (the \
+                     reservation vanished: a store restart or eviction, or renewals failed for a \
+                     whole lease); the handler may run twice and this response will not be stored"
+                );
+                return std::future::pending().await;
+            }
+            Err(error) => {
+                log::warn!("idempotency: could not renew a reservation, retrying: {error}");
+                pause = (period / 4).max(FIRST_RETRY);
+            }
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, pausing from 20 ms doubling to 1 s between attempts, for
+/// at most `within`. Returns the last error when time runs out.
+pub(crate) async fn retry_within<T, F, Fut>(
+    within: Duration,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let give_up_at = deadline_after(within);
+    let mut pause = FIRST_RETRY;
+    loop {
+        let error = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let now = Instant::now();
+        let left = give_up_at.map_or(pause, |at| at.saturating_duration_since(now));
+        if left.is_zero() {
+            return Err(error);
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(LONGEST_RETRY);
+    }
+}
+
+/// Frees `key` for `token` in the background, retrying within `lease`, when the caller cannot
+/// wait: a dropped request, a reservation whose answer was lost. Outside a runtime (a worker
+/// shutting down) the key is left to its lease.
+pub(crate) fn release_in_background(
+    store: Arc<dyn DynStore>,
+    key: String,
+    token: ReservationToken,
+    lease: Duration,
+) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    actix_web::rt::spawn(async move {
+        let released = retry_within(lease, || store.release(&key, token)).await;
+        if let Err(error) = released {
+            log::error!("idempotency: could not free a key (its lease will): {error}");
+        }
+    });
+}
+
+/// Armed around a `reserve` call: if the call fails or its future is dropped, the reservation
+/// may exist without anyone knowing, so the guard frees it (token-checked, so a reservation
+/// that was never made costs nothing) instead of leaving the key locked for a whole lease.
+pub(crate) struct UnansweredReservation<'a> {
+    store: &'a Arc<dyn DynStore>,
+    key: &'a str,
+    token: ReservationToken,
+    lease: Duration,
+    armed: bool,
+}
+
+impl<'a> UnansweredReservation<'a> {
+    pub(crate) fn arm(
+        store: &'a Arc<dyn DynStore>,
+        key: &'a str,
+        token: ReservationToken,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            store,
+            key,
+            token,
+            lease,
+            armed: true,
+        }
+    }
+
+    /// The store answered: the caller knows what it holds.
+    pub(crate) fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for UnansweredReservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            release_in_background(
+                Arc::clone(self.store),
+                self.key.to_owned(),
+                self.token,
+                self.lease,
+            );
+        }
+    }
+}
