@@ -279,7 +279,7 @@ pub async fn post_keyed(
     client: &reqwest::Client,
     url: &str,
     key: &str,
-    body: &'static str,
+    body: impl Into<reqwest::Body>,
 ) -> Received {
     let response = client
         .post(url)

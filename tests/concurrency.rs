@@ -201,32 +201,3 @@ async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
     assert_eq!(retry.body, "run 1 of x");
     assert_eq!(runs.count(), 1);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_reservation_that_never_completes_frees_its_key_after_the_lease() {
-    let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
-        .reservation_lease(Duration::from_millis(100))
-        .lock_enabled(false);
-    let server = server(builder, &runs, Arc::new(Barrier::new(1)));
-    let client = reqwest::Client::new();
-    // The first request holds the key past its 100 ms lease (the handler takes 300 ms).
-    let url = server.url("/slow");
-    let first = tokio::spawn({
-        let client = client.clone();
-        let url = url.clone();
-        async move { post_keyed(&client, &url, "k", "x").await }
-    });
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let during = post_keyed(&client, &url, "k", "x").await;
-    assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let after_lease = post_keyed(&client, &url, "k", "x").await;
-    assert_eq!(after_lease.status, StatusCode::CREATED);
-    assert!(
-        !after_lease.is_replay(),
-        "the expired reservation must not wedge the key"
-    );
-    assert_eq!(runs.count(), 2);
-    let _ = first.await;
-}

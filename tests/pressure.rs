@@ -1,0 +1,394 @@
+//! Exactly once under pressure, on the memory store, against a real server: a full store,
+//! handlers slower than their lease, store faults around the reservation, and durations at the
+//! edge of what a clock can hold.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use actix_web::{
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    http::StatusCode,
+    middleware::{from_fn, Next},
+    post, web, App, HttpResponse,
+};
+use futures_util::future::join_all;
+use idempotency_actix::{
+    idempotent,
+    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
+    Fingerprint, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
+    MemoryStore, StoreError,
+};
+use idempotency_actix_workspace::{post_keyed, Received, Runs, TestServer};
+
+/// How long `/work` takes.
+#[derive(Debug, Clone, Copy)]
+struct Delay(Duration);
+
+#[idempotent]
+#[post("/work")]
+async fn work(runs: web::Data<Runs>, delay: web::Data<Delay>, body: web::Bytes) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(delay.0).await;
+    HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
+}
+
+/// A quick handler whose records fill the store.
+#[idempotent]
+#[post("/fill")]
+async fn fill(body: web::Bytes) -> HttpResponse {
+    HttpResponse::Created().body(body)
+}
+
+fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, delay: Duration) -> TestServer {
+    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
+    let runs = runs.clone();
+    TestServer::start(2, move || {
+        App::new()
+            .wrap(middleware.clone())
+            .app_data(web::Data::new(runs.clone()))
+            .app_data(web::Data::new(Delay(delay)))
+            .service(work)
+            .service(fill)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+/// Sends `key` now and a duplicate `after` later, each on its own connection.
+async fn request_and_duplicate(url: String, key: String, after: Duration) -> (Received, Received) {
+    let first = {
+        let (url, key) = (url.clone(), key.clone());
+        tokio::spawn(async move { post_keyed(&client(), &url, &key, "order").await })
+    };
+    tokio::time::sleep(after).await;
+    let duplicate = post_keyed(&client(), &url, &key, "order").await;
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    (first, duplicate)
+}
+
+fn is_first_run(answer: &Received) -> bool {
+    answer.status == StatusCode::CREATED && !answer.is_replay()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_memory_store_never_lets_an_in_flight_duplicate_run() {
+    let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+    let runs = Runs::default();
+    let server = server(
+        IdempotencyMiddleware::builder(store.clone()),
+        &runs,
+        Duration::from_millis(800),
+    );
+
+    // Fill the store well past its bound with records that were each used twice.
+    let kilobyte = "x".repeat(1024);
+    for n in 0..200 {
+        let key = format!("fill-{n}");
+        let first = post_keyed(&client(), &server.url("/fill"), &key, kilobyte.clone()).await;
+        let again = post_keyed(&client(), &server.url("/fill"), &key, kilobyte.clone()).await;
+        assert!(
+            is_first_run(&first) && again.is_replay(),
+            "{first:?} {again:?}"
+        );
+    }
+    assert!(
+        store.capacity_evictions() > 0,
+        "the store must have been full: {store:?}"
+    );
+
+    let pairs = (0..5).map(|n| {
+        let url = server.url("/work");
+        tokio::spawn(request_and_duplicate(
+            url,
+            format!("slow-{n}"),
+            Duration::from_millis(300),
+        ))
+    });
+    let pairs: Vec<_> = join_all(pairs)
+        .await
+        .into_iter()
+        .map(|pair| pair.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+
+    assert_eq!(runs.count(), 5, "one run per key: {pairs:?}");
+    for (first, duplicate) in &pairs {
+        assert!(is_first_run(first), "{first:?}");
+        assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
+    }
+    for n in 0..5 {
+        let retry = post_keyed(
+            &client(),
+            &server.url("/work"),
+            &format!("slow-{n}"),
+            "order",
+        )
+        .await;
+        assert!(retry.is_replay(), "the newest records are kept: {retry:?}");
+    }
+    assert_eq!(runs.count(), 5);
+}
+
+/// The lease is a crash timeout: a handler that runs past it keeps its key, and its response
+/// is stored and replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_slower_than_its_lease_runs_once() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .reservation_lease(Duration::from_secs(1));
+    let server = server(builder, &runs, Duration::from_millis(2500));
+
+    let (first, duplicate) = request_and_duplicate(
+        server.url("/work"),
+        "slow".to_owned(),
+        Duration::from_millis(1600),
+    )
+    .await;
+    assert!(is_first_run(&first), "{first:?}");
+    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
+
+    let retry = post_keyed(&client(), &server.url("/work"), "slow", "order").await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.count(), 1);
+}
+
+/// `Duration::MAX` says "wait for the first request" or "keep forever": no panic, and the
+/// guarantees hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durations_past_the_clock_saturate_instead_of_panicking() {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+        .lock_timeout(Duration::MAX)
+        .record_ttl(Duration::MAX)
+        .reservation_lease(Duration::MAX / 2);
+    let server = server(builder, &runs, Duration::from_millis(300));
+
+    let (first, duplicate) = request_and_duplicate(
+        server.url("/work"),
+        "k".to_owned(),
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(is_first_run(&first), "{first:?}");
+    assert!(
+        duplicate.is_replay(),
+        "an unbounded lock timeout waits for the first response: {duplicate:?}"
+    );
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(runs.count(), 1);
+}
+
+/// Which store operations fail, and how, for [`Faulty`].
+#[derive(Debug, Default)]
+struct Faults {
+    /// Completions that fail before reaching the store.
+    failing_completions: AtomicUsize,
+    /// Reservations that are made but answered with an error (a timeout after the command ran).
+    reservations_answered_with_error: AtomicUsize,
+    /// Reservations that are made but answered only after this many milliseconds.
+    reservation_answer_delay_ms: AtomicUsize,
+}
+
+impl Faults {
+    fn take(counter: &AtomicUsize) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// A real [`MemoryStore`] behind a link that fails the way networks do.
+#[derive(Debug, Clone)]
+struct Faulty {
+    store: MemoryStore,
+    faults: Arc<Faults>,
+}
+
+fn lost() -> StoreError {
+    StoreError::Backend("timed out waiting for the store's answer".into())
+}
+
+impl IdempotencyStore for Faulty {
+    fn reserve(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> {
+        let answer = self.store.reserve(key, token, fingerprint, lease);
+        let faults = Arc::clone(&self.faults);
+        async move {
+            let answer = answer.await;
+            let delay = faults.reservation_answer_delay_ms.load(Ordering::SeqCst) as u64;
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            if Faults::take(&faults.reservations_answered_with_error) {
+                return Err(lost());
+            }
+            answer
+        }
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
+        self.store.renew(key, token, fingerprint, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Completion, StoreError>> {
+        let failing = Faults::take(&self.faults.failing_completions);
+        let answer = self.store.complete(key, token, record, ttl);
+        async move {
+            if failing {
+                return Err(lost());
+            }
+            answer.await
+        }
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: ReservationToken,
+    ) -> impl Future<Output = Result<(), StoreError>> {
+        self.store.release(key, token)
+    }
+
+    fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
+        self.store.wait_for_change(key, within)
+    }
+}
+
+fn faulty() -> (Faulty, Arc<Faults>) {
+    let faults = Arc::new(Faults::default());
+    let store = Faulty {
+        store: MemoryStore::default(),
+        faults: Arc::clone(&faults),
+    };
+    (store, faults)
+}
+
+/// The first two completions fail (a store blip after the handler ran): the client still gets
+/// its response, the completion is retried, and the retry of the request is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_completion_is_retried_and_the_retry_is_replayed() {
+    let (store, faults) = faulty();
+    faults.failing_completions.store(2, Ordering::SeqCst);
+    let runs = Runs::default();
+    let server = server(
+        IdempotencyMiddleware::builder(store),
+        &runs,
+        Duration::from_millis(50),
+    );
+
+    let first = post_keyed(&client(), &server.url("/work"), "blip", "order").await;
+    assert!(is_first_run(&first), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = post_keyed(&client(), &server.url("/work"), "blip", "order").await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.count(), 1);
+    assert_eq!(faults.failing_completions.load(Ordering::SeqCst), 0);
+}
+
+/// A reservation that was made but whose answer was lost: the client gets 503, and the key is
+/// freed at once instead of answering 409 for a whole lease. Even under fail-open, the request
+/// whose reservation may exist never runs unprotected beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_whose_answer_was_lost_is_released() {
+    let (store, faults) = faulty();
+    faults
+        .reservations_answered_with_error
+        .store(1, Ordering::SeqCst);
+    let runs = Runs::default();
+    let server = server(
+        IdempotencyMiddleware::builder(store),
+        &runs,
+        Duration::from_millis(50),
+    );
+
+    let refused = post_keyed(&client(), &server.url("/work"), "lost", "order").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = post_keyed(&client(), &server.url("/work"), "lost", "order").await;
+    assert!(
+        is_first_run(&retry),
+        "the key must be free again: {retry:?}"
+    );
+    assert_eq!(runs.count(), 1);
+}
+
+/// An outer timeout that drops the request while its reservation is being made: the
+/// reservation it may hold is freed, so its retry runs instead of waiting out the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_abandoned_mid_way_is_released() {
+    async fn give_up_after_300_ms(
+        req: ServiceRequest,
+        next: Next<impl MessageBody>,
+    ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+        match tokio::time::timeout(Duration::from_millis(300), next.call(req)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(actix_web::error::ErrorGatewayTimeout("gave up")),
+        }
+    }
+
+    let (store, faults) = faulty();
+    faults
+        .reservation_answer_delay_ms
+        .store(1500, Ordering::SeqCst);
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::new(store);
+    let server = {
+        let runs = runs.clone();
+        TestServer::start(2, move || {
+            App::new()
+                .wrap(middleware.clone())
+                .wrap(from_fn(give_up_after_300_ms))
+                .app_data(web::Data::new(runs.clone()))
+                .app_data(web::Data::new(Delay(Duration::from_millis(50))))
+                .service(work)
+        })
+        .unwrap_or_else(|e| panic!("server: {e}"))
+    };
+
+    let gave_up = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
+    assert_eq!(gave_up.status, StatusCode::GATEWAY_TIMEOUT, "{gave_up:?}");
+    faults
+        .reservation_answer_delay_ms
+        .store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let retry = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
+    assert!(
+        is_first_run(&retry),
+        "the key must be free again: {retry:?}"
+    );
+    assert_eq!(runs.count(), 1);
+}
