@@ -8,7 +8,7 @@ use std::{
 
 use actix_web::{get, http::header::ContentType, post, web, HttpResponse};
 use idempotency_actix::{idempotency_exempt, idempotency_manual, idempotent, ManualIdempotency};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -45,8 +45,17 @@ impl Default for Orders {
 
 impl Orders {
     /// Ids shared through the Redis at `url`, counted under `counter`.
+    ///
+    /// Every command gives up after a second and the connection is remade at once, so a
+    /// Redis restart stalls the handlers for about a second, not for the two minutes of the
+    /// connection manager's default backoff.
     pub async fn shared(url: &str, counter: &str) -> redis::RedisResult<Self> {
-        let redis = ConnectionManager::new(redis::Client::open(url)?).await?;
+        let settings = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(Duration::from_secs(1))
+            .set_number_of_retries(1)
+            .set_max_delay(100);
+        let redis = ConnectionManager::new_with_config(redis::Client::open(url)?, settings).await?;
         Ok(Self::Shared {
             redis,
             counter: counter.to_owned(),
