@@ -413,3 +413,32 @@ async fn a_killed_instance_frees_its_key_after_one_lease() {
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.body, "run 2");
 }
+
+/// Durations past what Redis' clock can hold are cut, not refused: every request completes
+/// and replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durations_past_the_clock_work_on_redis() {
+    let test = "durations_past_the_clock_work_on_redis";
+    let Some(url) = redis_url_or_skip(test).await else {
+        return;
+    };
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(store(&url, &unique_prefix("durations")))
+        .lock_timeout(Duration::MAX)
+        .record_ttl(Duration::MAX)
+        .reservation_lease(Duration::MAX / 2);
+    let server = server(builder, &runs, Duration::from_millis(300));
+
+    let first = tokio::spawn({
+        let url = server.url("/work");
+        async move { post_keyed(&client(), &url, "k", "order").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = post_keyed(&client(), &server.url("/work"), "k", "order").await;
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(duplicate.is_replay(), "{duplicate:?}");
+    let retry = post_keyed(&client(), &server.url("/work"), "k", "order").await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(runs.count(), 1);
+}

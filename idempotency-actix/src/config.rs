@@ -248,8 +248,9 @@ impl IdempotencyMiddlewareBuilder {
         self
     }
 
-    /// How long a reservation lasts if its request never completes (a crashed process, a
-    /// panicking handler). Must be longer than the slowest handler and shorter than the TTL.
+    /// How long a key stays reserved after its process stopped renewing it (a crash, a store
+    /// out of reach). It is not a limit on the handler: while the handler runs, its reservation
+    /// is renewed every third of the lease. Must be shorter than the TTL.
     ///
     /// Defaults to 60 seconds.
     pub fn reservation_lease(mut self, lease: Duration) -> Self {
