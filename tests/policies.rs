@@ -62,8 +62,9 @@ async fn payments(runs: web::Data<Runs>) -> HttpResponse {
     HttpResponse::Created().body(runs.record().to_string())
 }
 
+/// No attribute; in enforce mode the default settles the key when the handler reads its body.
 #[post("/plain")]
-async fn plain(runs: web::Data<Runs>) -> HttpResponse {
+async fn plain(runs: web::Data<Runs>, _body: web::Bytes) -> HttpResponse {
     HttpResponse::Created().body(runs.record().to_string())
 }
 
@@ -541,9 +542,11 @@ async fn non_standard_methods_are_unsafe_and_need_a_key_in_enforce_mode() {
             .app_data(web::Data::new(runs.clone()))
             .route(
                 "/dav",
-                web::method(propfind.clone()).to(|runs: web::Data<Runs>| async move {
-                    HttpResponse::MultiStatus().body(runs.record().to_string())
-                }),
+                web::method(propfind.clone()).to(
+                    |runs: web::Data<Runs>, _body: web::Bytes| async move {
+                        HttpResponse::MultiStatus().body(runs.record().to_string())
+                    },
+                ),
             ),
     )
     .await;

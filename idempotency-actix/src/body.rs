@@ -1,11 +1,17 @@
 //! Bounded buffering of request and response bodies.
 
+use std::{
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
 use actix_web::{
-    body::{BodySize, BodyStream, BoxBody, MessageBody},
+    body::{BodySize, MessageBody},
     dev::Payload,
 };
 use bytes::{Bytes, BytesMut};
-use futures_util::{future::poll_fn, stream, StreamExt};
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
 
 /// Why a request body could not be buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,56 +36,95 @@ pub(crate) async fn read_request_body(
     Ok(buffer.freeze())
 }
 
-/// A response body after an attempt to buffer it for storage.
-pub(crate) enum CapturedBody {
+/// What a streamed response body left for the record once it was done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Recorded {
     /// The whole body, within the limit.
-    Complete(Bytes),
-    /// Over the limit: the body to send on, rebuilt from what was read and what remains.
-    TooLarge(BoxBody),
-    /// The body failed while it was being read.
-    Failed(Box<dyn std::error::Error>),
+    Whole(Bytes),
+    /// The body went past the limit: it was sent whole, but not kept.
+    TooLarge,
+    /// The body failed mid-way.
+    Failed,
+    /// The body was dropped before its end (the client went away).
+    Abandoned,
 }
 
-/// Buffers a response body of at most `limit` bytes without ever losing what it read: past the
-/// limit the bytes read so far are chained in front of the rest of the stream.
-pub(crate) async fn capture_response_body<B>(body: B, limit: usize) -> CapturedBody
-where
-    B: MessageBody + 'static,
-{
-    match body.size() {
-        BodySize::None => return CapturedBody::Complete(Bytes::new()),
-        BodySize::Sized(size) if usize::try_from(size).map_or(true, |size| size > limit) => {
-            return CapturedBody::TooLarge(BoxBody::new(body));
-        }
-        _ => {}
+/// A response body that flows to the client chunk by chunk as it is produced, keeping a copy
+/// of up to `limit` bytes, and reports what it kept when it ends (or is dropped).
+pub(crate) struct RecordingBody<B> {
+    body: Pin<Box<B>>,
+    copy: Option<BytesMut>,
+    limit: usize,
+    done: Option<oneshot::Sender<Recorded>>,
+}
+
+impl<B> RecordingBody<B> {
+    pub(crate) fn new(body: B, limit: usize) -> (Self, oneshot::Receiver<Recorded>) {
+        let (done, recorded) = oneshot::channel();
+        let body = Self {
+            body: Box::pin(body),
+            copy: Some(BytesMut::new()),
+            limit,
+            done: Some(done),
+        };
+        (body, recorded)
     }
-    let mut body = Box::pin(body);
-    let mut buffer = BytesMut::new();
-    loop {
-        match poll_fn(|cx| body.as_mut().poll_next(cx)).await {
-            None => return CapturedBody::Complete(buffer.freeze()),
-            Some(Err(error)) => return CapturedBody::Failed(error.into()),
-            Some(Ok(chunk)) if buffer.len() + chunk.len() > limit => {
-                buffer.extend_from_slice(&chunk);
-                let read =
-                    stream::once(
-                        async move { Ok::<_, Box<dyn std::error::Error>>(buffer.freeze()) },
-                    );
-                let rest = stream::poll_fn(move |cx| {
-                    body.as_mut()
-                        .poll_next(cx)
-                        .map(|item| item.map(|chunk| chunk.map_err(Into::into)))
-                });
-                return CapturedBody::TooLarge(BoxBody::new(BodyStream::new(read.chain(rest))));
-            }
-            Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+
+    fn report(&mut self, recorded: Recorded) {
+        if let Some(done) = self.done.take() {
+            // Nobody waits any more only when the record was given up: nothing to tell.
+            let _ = done.send(recorded);
         }
+    }
+}
+
+impl<B: MessageBody> MessageBody for RecordingBody<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        let next = ready!(this.body.as_mut().poll_next(cx));
+        match &next {
+            Some(Ok(chunk)) => {
+                let fits = this
+                    .copy
+                    .as_ref()
+                    .is_some_and(|copy| copy.len() + chunk.len() <= this.limit);
+                match this.copy.as_mut() {
+                    Some(copy) if fits => copy.extend_from_slice(chunk),
+                    _ => this.copy = None,
+                }
+            }
+            Some(Err(_)) => this.report(Recorded::Failed),
+            None => {
+                let recorded = match this.copy.take() {
+                    Some(copy) => Recorded::Whole(copy.freeze()),
+                    None => Recorded::TooLarge,
+                };
+                this.report(recorded);
+            }
+        }
+        Poll::Ready(next)
+    }
+}
+
+impl<B> Drop for RecordingBody<B> {
+    fn drop(&mut self) {
+        self.report(Recorded::Abandoned);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use actix_web::body::to_bytes;
+    use actix_web::body::{to_bytes, BodyStream};
+    use futures_util::stream;
 
     use super::*;
 
@@ -92,32 +137,30 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn streaming_body_within_limit_is_captured_whole() {
-        match capture_response_body(chunks(&["ab", "cd"]), 4).await {
-            CapturedBody::Complete(bytes) => assert_eq!(bytes, "abcd"),
-            _ => panic!("expected the whole body"),
-        }
+    async fn a_body_within_the_limit_is_sent_and_kept_whole() {
+        let (body, recorded) = RecordingBody::new(chunks(&["ab", "cd"]), 4);
+        assert_eq!(to_bytes(body).await.ok(), Some(Bytes::from_static(b"abcd")));
+        assert_eq!(
+            recorded.await.ok(),
+            Some(Recorded::Whole(Bytes::from_static(b"abcd")))
+        );
     }
 
     #[actix_rt::test]
-    async fn streaming_body_over_limit_is_passed_on_intact() {
-        match capture_response_body(chunks(&["ab", "cd", "ef"]), 3).await {
-            CapturedBody::TooLarge(body) => {
-                assert_eq!(
-                    to_bytes(body).await.ok(),
-                    Some(Bytes::from_static(b"abcdef"))
-                );
-            }
-            _ => panic!("expected an over-limit body"),
-        }
+    async fn a_body_over_the_limit_is_sent_whole_and_not_kept() {
+        let (body, recorded) = RecordingBody::new(chunks(&["ab", "cd", "ef"]), 3);
+        assert_eq!(
+            to_bytes(body).await.ok(),
+            Some(Bytes::from_static(b"abcdef"))
+        );
+        assert_eq!(recorded.await.ok(), Some(Recorded::TooLarge));
     }
 
     #[actix_rt::test]
-    async fn sized_body_over_limit_is_not_read() {
-        match capture_response_body(Bytes::from_static(b"0123456789"), 4).await {
-            CapturedBody::TooLarge(body) => assert_eq!(body.size(), BodySize::Sized(10)),
-            _ => panic!("expected an over-limit body"),
-        }
+    async fn a_body_dropped_before_its_end_is_abandoned() {
+        let (body, recorded) = RecordingBody::new(chunks(&["ab", "cd"]), 4);
+        drop(body);
+        assert_eq!(recorded.await.ok(), Some(Recorded::Abandoned));
     }
 
     #[actix_rt::test]

@@ -1,6 +1,10 @@
 //! The middleware's builder and its resolved configuration.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
 
 use actix_web::http::{header::HeaderName, StatusCode};
 use parking_lot::Mutex;
@@ -81,6 +85,12 @@ pub(crate) struct Config {
     pub(crate) request_body_limit: usize,
     pub(crate) response_body_limit: usize,
     pub(crate) store_outage: StoreOutage,
+    pub(crate) query_in_fingerprint: bool,
+    pub(crate) replay_set_cookie: bool,
+    /// Set once the enforce-mode default found that the caller scope changed after routing
+    /// (an authentication middleware runs after this middleware computed it): from then on
+    /// the default refuses keyed requests instead of scoping them wrongly.
+    pub(crate) scope_seen_too_early: AtomicBool,
 }
 
 impl std::fmt::Debug for Config {
@@ -144,6 +154,8 @@ pub struct IdempotencyMiddlewareBuilder {
     request_body_limit: usize,
     response_body_limit: usize,
     store_outage: StoreOutage,
+    query_in_fingerprint: bool,
+    replay_set_cookie: bool,
 }
 
 impl std::fmt::Debug for IdempotencyMiddlewareBuilder {
@@ -176,6 +188,8 @@ impl IdempotencyMiddlewareBuilder {
             request_body_limit: 1024 * 1024,
             response_body_limit: 1024 * 1024,
             store_outage: StoreOutage::FailClosed,
+            query_in_fingerprint: true,
+            replay_set_cookie: false,
         }
     }
 
@@ -325,6 +339,25 @@ impl IdempotencyMiddlewareBuilder {
         self
     }
 
+    /// Whether the query string is part of what a retry must repeat: with it, `POST /pay?to=a`
+    /// and `POST /pay?to=b` under one key are a reused key (422).
+    ///
+    /// Defaults to `true`.
+    pub fn query_in_fingerprint(mut self, enabled: bool) -> Self {
+        self.query_in_fingerprint = enabled;
+        self
+    }
+
+    /// Whether `Set-Cookie` headers are stored and replayed. Off, a replay carries every other
+    /// header but no cookie: a session cookie replayed to whoever retries would hand them the
+    /// original caller's session.
+    ///
+    /// Defaults to `false`.
+    pub fn replay_set_cookie(mut self, enabled: bool) -> Self {
+        self.replay_set_cookie = enabled;
+        self
+    }
+
     /// Validates the configuration and builds the middleware.
     pub fn build(self) -> Result<IdempotencyMiddleware, ConfigError> {
         let header = normalise_header_name(&self.header)
@@ -386,6 +419,9 @@ impl IdempotencyMiddlewareBuilder {
             request_body_limit: self.request_body_limit,
             response_body_limit: self.response_body_limit,
             store_outage: self.store_outage,
+            query_in_fingerprint: self.query_in_fingerprint,
+            replay_set_cookie: self.replay_set_cookie,
+            scope_seen_too_early: AtomicBool::new(false),
         };
         Ok(IdempotencyMiddleware::from_config(Arc::new(config)))
     }

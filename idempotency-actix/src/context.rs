@@ -11,36 +11,65 @@ use actix_web::{
         header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE},
         Method,
     },
+    HttpResponse,
 };
 
-use crate::{config::Config, key::parse_key_header, key::InvalidKey, IdempotencyKey};
+use crate::{
+    config::Config, flow::PendingRecord, key::parse_key_header, key::InvalidKey, IdempotencyKey,
+};
 
-/// Who decided how a request is handled.
+/// Who settles a request's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {
-    /// Routing has not reached a policy marker (yet).
+    /// Nobody yet: no route policy was reached, and the handler has not read its body.
     Pending,
-    /// A route marker claimed the request during routing.
+    /// A route policy claimed the request: it settles the key itself, after every middleware
+    /// on its route has run.
     ClaimedByRoute,
-    /// The app-level middleware found no marker and applied the mode's default.
-    DefaultApplied,
+    /// The handler (or a middleware) began reading the body of a request no route policy
+    /// claimed, so the mode's default settled the key.
+    DefaultStarted,
+    /// Another `IdempotencyMiddleware` registered further in (on a scope) took the request
+    /// over: it runs later, after the middleware between the two.
+    HandedInward,
+}
+
+/// What the enforce-mode default decided, for the app-level middleware to apply when the
+/// routed request comes back.
+#[derive(Default)]
+pub(crate) enum DefaultOutcome {
+    /// Nothing (yet).
+    #[default]
+    None,
+    /// Answer with this instead of the handler's response; the handler did not run.
+    Answer(HttpResponse),
+    /// The handler runs under this reservation.
+    Running(PendingRecord),
+    /// The handler runs without a reservation (a store outage under fail-open).
+    Unprotected,
 }
 
 /// Put in the request extensions by the app-level middleware before routing.
 ///
-/// Routing is synchronous, so a marker on the matched route claims the slot before the
-/// middleware looks at it; a marker that finds the slot already decided was reached late,
-/// through a middleware that defers routing, and reports the misordered setup.
+/// A route policy reached at any time before the handler reads its body claims the slot and
+/// settles the key; a handler that reads the body of an unclaimed request starts the mode's
+/// default (through the stand-in payload). A policy that finds the default already started
+/// was reached after something read the body, and reports the setup.
 pub(crate) struct RouteSlot {
     pub(crate) config: Arc<Config>,
     pub(crate) decision: Cell<Decision>,
-    /// The real payload, held back while routing runs in enforce mode (the routed request
-    /// carries a stand-in until someone decides who reads the body).
+    /// The real payload, held back while the request carries the stand-in (enforce mode).
     pub(crate) held_payload: RefCell<Option<Payload>>,
-    /// The request's facts, captured before routing in enforce mode (the default flow needs
-    /// them after routing, when the request is out of reach); a marker takes them instead of
-    /// capturing them again.
+    /// The request's facts as captured before routing, for the default.
     pub(crate) facts: RefCell<Option<RequestFacts>>,
+    /// The caller scope the default settled the key under, checked again once the route's
+    /// middleware have run.
+    pub(crate) default_scope: RefCell<Option<String>>,
+    /// The default's decision.
+    pub(crate) outcome: RefCell<DefaultOutcome>,
+    /// Whether the app-level middleware already runs the routed request in its own task, so
+    /// that a route policy need not spawn another.
+    pub(crate) detached: Cell<bool>,
 }
 
 impl RouteSlot {
@@ -50,7 +79,16 @@ impl RouteSlot {
             decision: Cell::new(Decision::Pending),
             held_payload: RefCell::new(None),
             facts: RefCell::new(None),
+            default_scope: RefCell::new(None),
+            outcome: RefCell::new(DefaultOutcome::None),
+            detached: Cell::new(false),
         }
+    }
+
+    /// Claims the request for a route policy, handing back the real payload it held.
+    pub(crate) fn claim_for_route(&self) -> Option<Payload> {
+        self.decision.set(Decision::ClaimedByRoute);
+        self.held_payload.borrow_mut().take()
     }
 }
 
@@ -58,7 +96,10 @@ impl RouteSlot {
 #[derive(Debug)]
 pub(crate) struct RequestFacts {
     pub(crate) method: Method,
+    /// The path as routing matches it (percent-encoded unreserved characters decoded), so
+    /// that every spelling reaching one handler is one operation.
     pub(crate) path: String,
+    pub(crate) query: String,
     pub(crate) key: Result<Option<IdempotencyKey>, InvalidKey>,
     pub(crate) scope: Option<String>,
     pub(crate) content_type: Option<String>,
@@ -76,6 +117,7 @@ impl RequestFacts {
             return Self {
                 method: req.method().clone(),
                 path: String::new(),
+                query: String::new(),
                 key,
                 scope: None,
                 content_type: None,
@@ -85,7 +127,8 @@ impl RequestFacts {
         }
         Self {
             method: req.method().clone(),
-            path: req.path().to_owned(),
+            path: req.match_info().as_str().to_owned(),
+            query: req.query_string().to_owned(),
             key,
             scope: config.scope.scope(req.request()),
             content_type: headers

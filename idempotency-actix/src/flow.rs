@@ -9,11 +9,14 @@ use std::{
 use actix_web::{
     body::{BoxBody, EitherBody, MessageBody},
     dev::{Payload, ServiceResponse},
+    http::header::{HeaderMap, CONTENT_TYPE},
+    rt::task::JoinHandle,
     Error, HttpResponse, ResponseError,
 };
+use sha2::{Digest, Sha256};
 
 use crate::{
-    body::{capture_response_body, read_request_body, CapturedBody, RequestBodyError},
+    body::{read_request_body, Recorded, RecordingBody, RequestBodyError},
     config::{Config, StoreOutage},
     context::RequestFacts,
     encoder::KeyParts,
@@ -65,11 +68,11 @@ pub(crate) async fn start(
     config: &Arc<Config>,
     policy: KeyedPolicy,
     store_name: Option<&str>,
-    facts: RequestFacts,
+    mut facts: RequestFacts,
     payload: Payload,
 ) -> Start {
     let header = || config.header.as_str().to_owned();
-    let key = match facts.key {
+    let key = match std::mem::replace(&mut facts.key, Ok(None)) {
         Ok(Some(key)) => key,
         Ok(None) if policy == KeyedPolicy::Optional => {
             return Start::Proceed {
@@ -95,9 +98,7 @@ pub(crate) async fn start(
         Err(error) => return refuse(error),
     };
     let operation = Operation {
-        fingerprint: config
-            .fingerprinter
-            .fingerprint(facts.content_type.as_deref(), &body),
+        fingerprint: request_fingerprint(config, &facts, &body),
         storage_key: config.encoder.encode(
             &KeyParts::new(&key, &facts.method, &facts.path, &body)
                 .scope(facts.scope.as_deref())
@@ -109,6 +110,21 @@ pub(crate) async fn start(
         manual: policy == KeyedPolicy::Manual,
     };
     operation.settle(config).await
+}
+
+/// What identifies the request's payload: the configured fingerprint of its content type and
+/// body, combined with its query string unless configured otherwise.
+fn request_fingerprint(config: &Config, facts: &RequestFacts, body: &[u8]) -> Fingerprint {
+    let payload = config
+        .fingerprinter
+        .fingerprint(facts.content_type.as_deref(), body);
+    if !config.query_in_fingerprint || facts.query.is_empty() {
+        return payload;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(payload.0);
+    hasher.update(facts.query.as_bytes());
+    Fingerprint(hasher.finalize().into())
 }
 
 /// Buffers a keyed request's body, refusing one over the limit before reading it if its
@@ -268,38 +284,51 @@ impl Operation {
 }
 
 /// Runs the handler; with a reservation, to completion in its own task, storing its response.
+///
+/// The task outlives the request: a client that disconnects mid-way does not cancel the
+/// handler, so its retry gets the replay instead of a second, possibly half-done, run.
+///
+/// `detached` says the caller already runs in a task of its own (the app-level middleware
+/// spawned the routed request), so no second task is needed.
 pub(crate) async fn run_handler<F, B>(
     pending: Option<PendingRecord>,
     handler: F,
+    detached: bool,
 ) -> Result<ServiceResponse<EitherBody<B>>, Error>
 where
     F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
     B: MessageBody + 'static,
 {
-    match pending {
-        Some(pending) => pending.run_to_completion(handler).await,
-        None => handler.await.map(ServiceResponse::map_into_left_body),
+    let Some(pending) = pending else {
+        return handler.await.map(ServiceResponse::map_into_left_body);
+    };
+    if detached {
+        return pending.settle(handler.await).await;
+    }
+    let task = actix_web::rt::spawn(async move { pending.settle(handler.await).await });
+    match task.await {
+        Ok(result) => result,
+        Err(error) => {
+            // The handler panicked; unwinding dropped the reservation, which frees the key.
+            log::error!("idempotency: the handler of a keyed request panicked: {error}");
+            Err(actix_web::error::ErrorInternalServerError(
+                "the handler panicked",
+            ))
+        }
     }
 }
 
-/// A reservation whose handler is running. Dropped without being settled (the handler
-/// panicked), it frees its key in the background; the lease covers the case where even that
-/// cannot run.
+/// A reservation whose handler is running, renewed in the background until it is settled.
+/// Dropped without being settled (the handler panicked), it frees its key in the background;
+/// the lease covers the case where even that cannot run.
 pub(crate) struct PendingRecord {
     config: Arc<Config>,
     store: Arc<dyn DynStore>,
     key: String,
     token: ReservationToken,
     fingerprint: Fingerprint,
+    renewal: JoinHandle<()>,
     settled: bool,
-}
-
-/// What the handler's run left to settle.
-enum Outcome<B> {
-    /// A storable response, its body buffered (or too large to be).
-    Store(Option<StoredResponse>, ServiceResponse<EitherBody<B>>),
-    /// Anything else: the key is freed and this goes to the client.
-    Release(Result<ServiceResponse<EitherBody<B>>, Error>),
 }
 
 impl PendingRecord {
@@ -310,78 +339,86 @@ impl PendingRecord {
         token: ReservationToken,
         fingerprint: Fingerprint,
     ) -> Self {
+        let renewal = {
+            let (store, key) = (Arc::clone(&store), key.clone());
+            let lease = config.reservation_lease;
+            actix_web::rt::spawn(async move {
+                let never = keep_reserved(store.as_ref(), &key, token, fingerprint, lease).await;
+                match never {}
+            })
+        };
         Self {
             config: Arc::clone(config),
             store,
             key,
             token,
             fingerprint,
+            renewal,
             settled: false,
         }
     }
 
-    /// Runs the handler to completion in its own task, then stores its response (when its
-    /// status is storable) or frees the key.
-    ///
-    /// The task outlives the request: a client that disconnects mid-way does not cancel the
-    /// handler, so its retry gets the replay instead of a second, possibly half-done, run.
-    async fn run_to_completion<F, B>(
-        self,
-        handler: F,
+    /// Settles the key with the handler's result: a storable response is stored (a streamed
+    /// one once it has been sent), anything else frees the key.
+    pub(crate) async fn settle<B>(
+        mut self,
+        result: Result<ServiceResponse<B>, Error>,
     ) -> Result<ServiceResponse<EitherBody<B>>, Error>
     where
-        F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
         B: MessageBody + 'static,
     {
-        let task = actix_web::rt::spawn(self.finish(handler));
-        match task.await {
-            Ok(result) => result,
-            Err(error) => {
-                // The handler panicked; unwinding dropped the reservation, which frees the key.
-                log::error!("idempotency: the handler of a keyed request panicked: {error}");
-                Err(actix_web::error::ErrorInternalServerError(
-                    "the handler panicked",
-                ))
-            }
-        }
-    }
-
-    /// Runs the handler and buffers its response while renewing the reservation, then stores
-    /// the response or frees the key.
-    async fn finish<F, B>(mut self, handler: F) -> Result<ServiceResponse<EitherBody<B>>, Error>
-    where
-        F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
-        B: MessageBody + 'static,
-    {
-        let work = run_and_capture(handler, &self.config);
-        let keep_alive = keep_reserved(
-            self.store.as_ref(),
-            &self.key,
-            self.token,
-            self.fingerprint,
-            self.config.reservation_lease,
-        );
-        let outcome = tokio::select! {
-            biased;
-            outcome = work => outcome,
-            never = keep_alive => match never {},
-        };
-        match outcome {
-            Outcome::Store(response, to_client) => {
-                self.complete(response).await;
-                Ok(to_client)
-            }
-            Outcome::Release(to_client) => {
+        let response = match result {
+            Ok(response) if self.config.is_storable(response.status()) => response,
+            other => {
                 self.release().await;
-                to_client
+                return other.map(ServiceResponse::map_into_left_body);
             }
+        };
+        if is_event_stream(response.headers()) {
+            // An event stream is a live feed, not a result: the operation is done, but there
+            // is nothing to replay.
+            self.complete(None).await;
+            return Ok(response.map_into_left_body());
         }
+        let (request, response) = response.into_parts();
+        let (head, body) = response.into_parts();
+        let status = head.status().as_u16();
+        let headers = replayable_headers(head.headers(), self.config.replay_set_cookie);
+        let limit = self.config.response_body_limit;
+        let body = match body.try_into_bytes() {
+            Ok(bytes) => {
+                let stored = (bytes.len() <= limit)
+                    .then(|| StoredResponse::new(status, headers, bytes.clone()));
+                self.complete(stored).await;
+                BoxBody::new(bytes)
+            }
+            Err(stream) => {
+                let (body, recorded) = RecordingBody::new(stream, limit);
+                actix_web::rt::spawn(async move {
+                    match recorded.await {
+                        Ok(Recorded::Whole(bytes)) => {
+                            self.complete(Some(StoredResponse::new(status, headers, bytes)))
+                                .await;
+                        }
+                        Ok(Recorded::TooLarge | Recorded::Abandoned) | Err(_) => {
+                            self.complete(None).await;
+                        }
+                        Ok(Recorded::Failed) => {
+                            log::error!("idempotency: a response body failed while it was sent");
+                            self.release().await;
+                        }
+                    }
+                });
+                BoxBody::new(body)
+            }
+        };
+        Ok(ServiceResponse::new(request, head.set_body(body)).map_into_right_body())
     }
 
     /// Stores the record. A store fault is retried in the background within the lease, so the
     /// client gets its response now and a retry finds the record once the store answers.
     async fn complete(&mut self, response: Option<StoredResponse>) {
-        self.settled = true;
+        self.stop_renewing();
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
         let first = self
@@ -409,7 +446,7 @@ impl PendingRecord {
     }
 
     async fn release(&mut self) {
-        self.settled = true;
+        self.stop_renewing();
         let released = self.store.release(&self.key, self.token).await;
         if let Err(error) = released {
             log::warn!("idempotency: could not free a key, retrying: {error}");
@@ -421,6 +458,18 @@ impl PendingRecord {
             );
         }
     }
+
+    fn stop_renewing(&mut self) {
+        self.settled = true;
+        self.renewal.abort();
+    }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim_start().starts_with("text/event-stream"))
 }
 
 fn log_completion(completion: Completion) {
@@ -440,41 +489,9 @@ fn log_completion(completion: Completion) {
     }
 }
 
-/// Runs the handler and buffers its response body for storage when its status is storable.
-async fn run_and_capture<F, B>(handler: F, config: &Config) -> Outcome<B>
-where
-    F: Future<Output = Result<ServiceResponse<B>, Error>>,
-    B: MessageBody + 'static,
-{
-    let response = match handler.await {
-        Ok(response) if config.is_storable(response.status()) => response,
-        other => return Outcome::Release(other.map(ServiceResponse::map_into_left_body)),
-    };
-    let (request, response) = response.into_parts();
-    let (head, body) = response.into_parts();
-    let (stored, body) = match capture_response_body(body, config.response_body_limit).await {
-        CapturedBody::Complete(bytes) => {
-            let stored = StoredResponse::new(
-                head.status().as_u16(),
-                replayable_headers(head.headers()),
-                bytes.clone(),
-            );
-            (Some(stored), BoxBody::new(bytes))
-        }
-        CapturedBody::TooLarge(body) => (None, body),
-        CapturedBody::Failed(error) => {
-            log::error!("idempotency: the response body failed while it was stored: {error}");
-            return Outcome::Release(Err(actix_web::error::ErrorInternalServerError(
-                "the response body failed",
-            )));
-        }
-    };
-    let to_client = ServiceResponse::new(request, head.set_body(body)).map_into_right_body();
-    Outcome::Store(stored, to_client)
-}
-
 impl Drop for PendingRecord {
     fn drop(&mut self) {
+        self.renewal.abort();
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),

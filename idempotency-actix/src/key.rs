@@ -2,11 +2,7 @@
 
 use std::fmt;
 
-use actix_web::{
-    http::header::{HeaderMap, HeaderName, AUTHORIZATION},
-    HttpRequest,
-};
-use sha2::{Digest, Sha256};
+use actix_web::http::header::{HeaderMap, HeaderName};
 
 /// The longest key accepted, in characters (Stripe's limit, and the Python `MaxLengthKeyEncoder`'s).
 pub const MAX_KEY_LENGTH: usize = 255;
@@ -143,65 +139,6 @@ pub(crate) fn normalise_header_name(name: &str) -> Option<HeaderName> {
         None => name.to_owned(),
     };
     HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok()
-}
-
-/// Decides whose key space a request's key lives in, so that two callers using the same key
-/// never share (or see) each other's stored responses.
-///
-/// Implemented for closures `Fn(&HttpRequest) -> Option<String>`; returning `None` puts the
-/// request in the shared, unscoped space. The default is [`AuthorizationScope`].
-///
-/// The scope is computed by the app-level middleware, so auth middleware that stores the
-/// caller in the request extensions must be registered *after* it (it then runs first).
-///
-/// ```
-/// use actix_web::{HttpMessage, HttpRequest};
-/// use idempotency_actix::{CallerScope, IdempotencyMiddleware, MemoryStore};
-///
-/// #[derive(Clone)]
-/// struct UserId(u64);
-///
-/// let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
-///     .scope(|req: &HttpRequest| req.extensions().get::<UserId>().map(|u| u.0.to_string()))
-///     .build()
-///     .unwrap();
-/// # let _ = middleware;
-/// ```
-pub trait CallerScope: Send + Sync + 'static {
-    /// The caller's scope for this request, or `None` for the shared space.
-    fn scope(&self, req: &HttpRequest) -> Option<String>;
-}
-
-impl<F> CallerScope for F
-where
-    F: Fn(&HttpRequest) -> Option<String> + Send + Sync + 'static,
-{
-    fn scope(&self, req: &HttpRequest) -> Option<String> {
-        self(req)
-    }
-}
-
-/// The default scope: the SHA-256 of the `Authorization` header value, so credentials are
-/// never stored; requests without the header share the unscoped space.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthorizationScope;
-
-impl CallerScope for AuthorizationScope {
-    fn scope(&self, req: &HttpRequest) -> Option<String> {
-        let value = req.headers().get(AUTHORIZATION)?;
-        Some(format!("{:x}", Sha256::digest(value.as_bytes())))
-    }
-}
-
-/// No scoping: every caller shares one key space. Only for services whose callers all trust
-/// each other (for example a single internal client).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GlobalScope;
-
-impl CallerScope for GlobalScope {
-    fn scope(&self, _req: &HttpRequest) -> Option<String> {
-        None
-    }
 }
 
 #[cfg(test)]

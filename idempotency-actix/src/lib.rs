@@ -116,6 +116,7 @@
 mod body;
 mod config;
 mod context;
+mod deferred;
 mod encoder;
 mod error;
 mod fingerprint;
@@ -126,6 +127,7 @@ mod middleware;
 mod policy;
 pub mod problems;
 mod replay;
+mod scope;
 pub mod storage;
 mod upkeep;
 
@@ -134,13 +136,12 @@ pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
 pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};
 pub use fingerprint::{BodyFingerprint, Fingerprint, Fingerprinter, NoFingerprint};
 pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent};
-pub use key::{
-    AuthorizationScope, CallerScope, GlobalScope, IdempotencyKey, InvalidKey, MAX_KEY_LENGTH,
-};
+pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
 pub use manual::{ManualIdempotency, PriorResponse};
 pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
 pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
 pub use replay::REPLAYED_HEADER;
+pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};
 pub use storage::{IdempotencyStore, MemoryStore};
 #[cfg(feature = "redis")]
 pub use storage::{RedisStore, RedisStoreBuilder};

@@ -2,7 +2,6 @@
 
 use std::{
     future::{ready, Ready},
-    pin::Pin,
     rc::Rc,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -10,24 +9,19 @@ use std::{
 
 use actix_web::{
     body::{EitherBody, MessageBody},
-    dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform},
-    error::InternalError,
-    error::PayloadError,
+    dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
     http::header::{HeaderMap, HeaderName, HeaderValue},
     Error, HttpMessage,
 };
-use bytes::Bytes;
-use futures_util::Stream;
 use futures_util::{
     future::{Either, LocalBoxFuture, MapOk},
-    stream, StreamExt, TryFutureExt,
+    TryFutureExt,
 };
-use tokio::sync::oneshot;
 
 use crate::{
     config::{Config, Mode},
     context::{is_safe, Decision, RequestFacts, RouteSlot},
-    flow::{self, KeyedPolicy, Start},
+    deferred::{self, deferred_default},
     IdempotencyMiddlewareBuilder, IdempotencyStore,
 };
 
@@ -159,13 +153,7 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let telemetry = self.config.telemetry.then(Telemetry::start);
-        let untouched: Either<MapOk<S::Future, MapIntoLeft<B>>, BoxedResponse<B>> =
-            match self.route(req, telemetry) {
-                Routed::PassThrough(future) => {
-                    Either::Left(future.map_ok(ServiceResponse::map_into_left_body))
-                }
-                Routed::Keyed(future) => Either::Right(future),
-            };
+        let untouched = self.route(req);
         let Some(started) = telemetry else {
             return untouched;
         };
@@ -178,103 +166,65 @@ where
     }
 }
 
-enum Routed<F, B> {
-    /// Nothing for this middleware to do: the inner service's own future.
-    PassThrough(F),
-    /// The mode's default policy applies to a route without a marker.
-    Keyed(BoxedResponse<B>),
-}
-
 impl<S, B> InnerIdempotencyMiddleware<S>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
     B: MessageBody + 'static,
 {
-    fn route(&self, mut req: ServiceRequest, telemetry: Option<Telemetry>) -> Routed<S::Future, B> {
-        if is_safe(req.method()) {
-            return Routed::PassThrough(self.service.call(req));
+    /// Leaves a slot for the route's policy and, in enforce mode, swaps the body for the
+    /// deferred default; nothing is settled here, before the route's own middleware ran.
+    fn route(&self, mut req: ServiceRequest) -> <Self as Service<ServiceRequest>>::Future {
+        let pass_through: MapIntoLeft<B> = ServiceResponse::map_into_left_body;
+        if is_safe(req.method()) || !take_over_from_outer(&mut req) {
+            return Either::Left(self.service.call(req).map_ok(pass_through));
         }
         let slot = Rc::new(RouteSlot::new(Arc::clone(&self.config)));
         req.extensions_mut().insert(Rc::clone(&slot));
-        let feed = match self.config.mode {
-            Mode::Enforce => self.prepare_default(&mut req, &slot),
-            Mode::Exempt => None,
-        };
-        // Routing runs synchronously inside this call: a marker on the matched route has
-        // claimed the slot by the time it returns.
-        let routed = self.service.call(req);
-        if slot.decision.get() == Decision::ClaimedByRoute {
-            return Routed::PassThrough(routed);
+        if self.config.mode == Mode::Exempt {
+            return Either::Left(self.service.call(req).map_ok(pass_through));
         }
-        slot.decision.set(Decision::DefaultApplied);
-        let Some(facts) = slot.facts.borrow_mut().take() else {
-            return Routed::PassThrough(routed);
-        };
-        let payload = slot
-            .held_payload
-            .borrow_mut()
-            .take()
-            .unwrap_or(Payload::None);
-        let config = Arc::clone(&self.config);
-        Routed::Keyed(Box::pin(async move {
-            match flow::start(&config, KeyedPolicy::Required, None, facts, payload).await {
-                // The routed request is out of reach now: the answer travels as an error
-                // carrying the complete response, and the handler never runs.
-                Start::Respond(mut response) => {
-                    drop(routed);
-                    if let Some(telemetry) = telemetry {
-                        telemetry.stamp(response.headers_mut());
-                    }
-                    Err(InternalError::from_response("idempotency", response).into())
-                }
-                Start::Proceed {
-                    payload, pending, ..
-                } => {
-                    // The receiver only goes away with the routed request itself.
-                    if let Some(feed) = feed {
-                        let _ = feed.send(payload);
-                    }
-                    flow::run_handler(pending, routed).await
-                }
-            }
+        let facts = RequestFacts::capture(&req, &self.config);
+        let keyed = matches!(facts.key, Ok(Some(_)));
+        *slot.facts.borrow_mut() = Some(facts);
+        *slot.held_payload.borrow_mut() = Some(req.take_payload());
+        req.set_payload(deferred_default(Rc::clone(&slot)));
+        let routed = self.service.call(req);
+        if !keyed {
+            return Either::Right(Box::pin(async move {
+                deferred::apply(&slot, routed.await).await
+            }));
+        }
+        // A keyed request's handler runs in its own task: a client that goes away does not
+        // cancel it half-way, and its retry gets the replay.
+        slot.detached.set(true);
+        Either::Right(Box::pin(async move {
+            let task =
+                actix_web::rt::spawn(async move { deferred::apply(&slot, routed.await).await });
+            task.await.unwrap_or_else(|error| {
+                log::error!("idempotency: the handler of a keyed request panicked: {error}");
+                Err(actix_web::error::ErrorInternalServerError(
+                    "the handler panicked",
+                ))
+            })
         }))
     }
 }
 
-impl<S> InnerIdempotencyMiddleware<S> {
-    /// Readies the enforce-mode default for a route that turns out to have no marker.
-    ///
-    /// A keyed request's body is held back until routing says who reads it: a route marker
-    /// takes it back; otherwise the default flow hashes it and feeds the handler through the
-    /// stand-in. A request without a usable key is refused by the default without reading its
-    /// body, so it keeps its payload and costs no more than the key lookup.
-    fn prepare_default(
-        &self,
-        req: &mut ServiceRequest,
-        slot: &RouteSlot,
-    ) -> Option<oneshot::Sender<Payload>> {
-        let facts = RequestFacts::capture(req, &self.config);
-        let keyed = matches!(facts.key, Ok(Some(_)));
-        *slot.facts.borrow_mut() = Some(facts);
-        if !keyed {
-            return None;
-        }
-        *slot.held_payload.borrow_mut() = Some(req.take_payload());
-        let (feed, stand_in) = stand_in_payload();
-        req.set_payload(stand_in);
-        Some(feed)
+/// With a second `IdempotencyMiddleware` registered further out (app and scope), the inner one
+/// acts: it runs after the middleware between the two, authentication included. Returns
+/// whether this registration acts; it does not when the outer one already settled the key.
+fn take_over_from_outer(req: &mut ServiceRequest) -> bool {
+    let Some(outer) = req.extensions().get::<Rc<RouteSlot>>().cloned() else {
+        return true;
+    };
+    if outer.decision.get() != Decision::Pending {
+        return false;
     }
-}
-
-/// A payload that yields whatever payload is later sent through the returned sender.
-fn stand_in_payload() -> (oneshot::Sender<Payload>, Payload) {
-    let (feed, receive) = oneshot::channel::<Payload>();
-    let stream = stream::once(receive).flat_map(|received| match received {
-        Ok(payload) => Either::Left(payload),
-        Err(_) => Either::Right(stream::empty()),
-    });
-    let boxed: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> = Box::pin(stream);
-    (feed, Payload::from(boxed))
+    outer.decision.set(Decision::HandedInward);
+    if let Some(real) = outer.held_payload.borrow_mut().take() {
+        req.set_payload(real);
+    }
+    true
 }
 
 /// The Python fork's `TELEMETRY` headers.

@@ -60,11 +60,12 @@ pub enum PolicyKind {
 /// # let _ = app;
 /// ```
 ///
-/// The policy is read during routing, before the handler runs, so it must be reached
-/// synchronously from [`IdempotencyMiddleware`](crate::IdempotencyMiddleware): register the
-/// app-level middleware *first* (innermost), and put no middleware that defers routing
-/// (`middleware::from_fn`, actix-session, actix-web-httpauth) between it and the routes. A
-/// policy reached too late answers 500 (`misconfigured`) and logs why.
+/// The policy settles the key when routing reaches it, after every middleware on the route has
+/// run (authentication on a scope included, whether it defers routing or not), so the caller
+/// scope sees what authentication inserted. It needs
+/// [`IdempotencyMiddleware`](crate::IdempotencyMiddleware) registered on the app (or an
+/// enclosing scope); without it, or if a middleware read the body before the policy was
+/// reached, it answers 500 (`misconfigured`) and logs why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyPolicy {
     kind: PolicyKind,
@@ -171,7 +172,7 @@ where
             Ok(slot) => slot,
             Err(why) => return misconfigured(req, why),
         };
-        if let Some(payload) = slot.held_payload.borrow_mut().take() {
+        if let Some(payload) = slot.claim_for_route() {
             req.set_payload(payload);
         }
         let keyed = match self.policy.kind {
@@ -181,8 +182,10 @@ where
             PolicyKind::Manual => KeyedPolicy::Manual,
         };
         let config = Arc::clone(&slot.config);
-        let captured = slot.facts.borrow_mut().take();
-        let facts = captured.unwrap_or_else(|| RequestFacts::capture(&req, &config));
+        // Captured here, after every middleware on the route ran: the caller scope sees what
+        // authentication put in the request.
+        let facts = RequestFacts::capture(&req, &config);
+        let detached = slot.detached.get();
         let service = Rc::clone(&self.service);
         let store = self.policy.store.clone();
         Either::Right(Box::pin(async move {
@@ -198,7 +201,7 @@ where
                     if let Some(manual) = manual {
                         req.extensions_mut().insert(manual);
                     }
-                    flow::run_handler(pending, service.call(req)).await
+                    flow::run_handler(pending, service.call(req), detached).await
                 }
             }
         }))
@@ -209,20 +212,17 @@ where
 fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
     let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
     match slot {
-        Some(slot) if slot.decision.get() == Decision::Pending => {
-            slot.decision.set(Decision::ClaimedByRoute);
-            Ok(slot)
-        }
+        Some(slot) if slot.decision.get() == Decision::Pending => Ok(slot),
         Some(_) => {
             log::error!(
-                "idempotency: the route policy of {} {} was reached after IdempotencyMiddleware \
-                 had already applied its default: a middleware between them defers routing \
-                 (from_fn, actix-session, httpauth...). Register IdempotencyMiddleware before it \
-                 (App::new().wrap(idempotency).wrap(other)) so that it runs innermost.",
+                "idempotency: the route policy of {} {} was reached after something read the \
+                 request body (a middleware between IdempotencyMiddleware and the route), so \
+                 the key was already settled by the default. Read the body after the route's \
+                 policy, or register IdempotencyMiddleware inside that middleware.",
                 req.method(),
                 req.path()
             );
-            Err("a middleware that defers routing runs between IdempotencyMiddleware and this route")
+            Err("a middleware read the request body before this route's idempotency policy")
         }
         None => {
             log::error!(

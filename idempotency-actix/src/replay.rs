@@ -2,7 +2,7 @@
 
 use actix_web::{
     http::{
-        header::{HeaderMap, HeaderName, HeaderValue},
+        header::{HeaderMap, HeaderName, HeaderValue, SET_COOKIE},
         StatusCode,
     },
     HttpResponse,
@@ -32,11 +32,13 @@ fn is_replayable(name: &HeaderName) -> bool {
     )
 }
 
-/// The headers of a response as they are stored.
-pub(crate) fn replayable_headers(headers: &HeaderMap) -> Vec<(String, Bytes)> {
+/// The headers of a response as they are stored. `Set-Cookie` is kept only when asked for: a
+/// session cookie replayed to a retry would hand one client's session to whoever retries.
+pub(crate) fn replayable_headers(headers: &HeaderMap, set_cookie: bool) -> Vec<(String, Bytes)> {
     headers
         .iter()
         .filter(|(name, _)| is_replayable(name))
+        .filter(|(name, _)| set_cookie || *name != SET_COOKIE)
         .map(|(name, value)| {
             (
                 name.as_str().to_owned(),
@@ -97,11 +99,13 @@ mod tests {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
         headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
-        let names: Vec<_> = replayable_headers(&headers)
+        let names: Vec<_> = replayable_headers(&headers, true)
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names.iter().filter(|n| *n == "set-cookie").count(), 2);
+        let without_cookies = replayable_headers(&headers, false);
+        assert!(without_cookies.iter().all(|(n, _)| n != "set-cookie"));
         assert!(names.contains(&"content-type".to_owned()));
         assert!(!names
             .iter()

@@ -1,0 +1,214 @@
+//! The enforce-mode default for routes without a policy, deferred until the handler reads its
+//! body: by then every middleware on the route (authentication included, deferring or not) has
+//! run, and no route policy claimed the request.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    rc::Rc,
+    sync::atomic::Ordering,
+    task::{Context, Poll},
+};
+
+use actix_web::{
+    body::{EitherBody, MessageBody},
+    dev::{Payload, ServiceResponse},
+    error::{InternalError, PayloadError},
+    Error, ResponseError,
+};
+use bytes::Bytes;
+use futures_util::{future::LocalBoxFuture, Stream};
+use parking_lot::Mutex;
+
+use crate::{
+    context::{Decision, DefaultOutcome, RouteSlot},
+    flow::{self, KeyedPolicy, Start},
+    IdempotencyError,
+};
+
+/// The payload a request carries through routing in enforce mode. Reading it starts the
+/// default; until then nothing is reserved, refused or replayed.
+pub(crate) fn deferred_default(slot: Rc<RouteSlot>) -> Payload {
+    let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+        Box::pin(DeferredDefault {
+            slot,
+            state: State::Unread,
+        });
+    Payload::from(stream)
+}
+
+struct DeferredDefault {
+    slot: Rc<RouteSlot>,
+    state: State,
+}
+
+enum State {
+    Unread,
+    Settling(LocalBoxFuture<'static, Start>),
+    Body(Payload),
+    Answered,
+}
+
+impl Stream for DeferredDefault {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Unread => this.state = start(&this.slot),
+                State::Settling(settling) => {
+                    let Poll::Ready(start) = settling.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    this.state = match start {
+                        Start::Respond(answer) => {
+                            *this.slot.outcome.borrow_mut() = DefaultOutcome::Answer(answer);
+                            this.state = State::Answered;
+                            // The handler's extractor fails on this, so the handler never runs;
+                            // the middleware then sends the default's answer instead.
+                            return Poll::Ready(Some(Err(PayloadError::Io(
+                                std::io::Error::other("answered by IdempotencyMiddleware"),
+                            ))));
+                        }
+                        Start::Proceed {
+                            payload, pending, ..
+                        } => {
+                            *this.slot.outcome.borrow_mut() = match pending {
+                                Some(pending) => DefaultOutcome::Running(pending),
+                                None => DefaultOutcome::Unprotected,
+                            };
+                            State::Body(payload)
+                        }
+                    };
+                }
+                State::Body(payload) => return Pin::new(payload).poll_next(cx),
+                State::Answered => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// The first read: the default starts, unless a route policy (or an inner registration)
+/// already took the request, in which case the real payload is read as it is.
+fn start(slot: &RouteSlot) -> State {
+    if slot.decision.get() != Decision::Pending {
+        let held = slot.held_payload.borrow_mut().take();
+        return State::Body(held.unwrap_or(Payload::None));
+    }
+    slot.decision.set(Decision::DefaultStarted);
+    let config = std::sync::Arc::clone(&slot.config);
+    if config.scope_seen_too_early.load(Ordering::Relaxed) {
+        *slot.outcome.borrow_mut() = DefaultOutcome::Answer(scope_too_early().error_response());
+        return State::Answered;
+    }
+    let Some(facts) = slot.facts.borrow_mut().take() else {
+        return State::Body(Payload::None);
+    };
+    *slot.default_scope.borrow_mut() = facts.scope.clone();
+    let payload = slot
+        .held_payload
+        .borrow_mut()
+        .take()
+        .unwrap_or(Payload::None);
+    State::Settling(Box::pin(async move {
+        flow::start(&config, KeyedPolicy::Required, None, facts, payload).await
+    }))
+}
+
+fn scope_too_early() -> IdempotencyError {
+    IdempotencyError::Misconfigured(
+        "the caller scope is only known after this middleware ran: register \
+         IdempotencyMiddleware inside the authentication, or mark the route #[idempotent]",
+    )
+}
+
+/// Applies the default's decision to the routed request's result: its answer in place of the
+/// handler's response (as an ordinary response that every outer middleware sees), or the
+/// handler's response settled under its reservation.
+pub(crate) async fn apply<B>(
+    slot: &RouteSlot,
+    result: Result<ServiceResponse<B>, Error>,
+) -> Result<ServiceResponse<EitherBody<B>>, Error>
+where
+    B: MessageBody + 'static,
+{
+    if slot.decision.get() != Decision::DefaultStarted {
+        if slot.decision.get() == Decision::Pending {
+            report_unread_body(&result);
+        }
+        return result.map(ServiceResponse::map_into_left_body);
+    }
+    let scoped_too_early = match &result {
+        Ok(response) => {
+            let scope_now = slot.config.scope.scope(response.request());
+            scope_now != *slot.default_scope.borrow()
+        }
+        Err(_) => false,
+    };
+    if scoped_too_early {
+        log::error!(
+            "idempotency: the caller scope of a request changed after IdempotencyMiddleware \
+             computed it (an authentication middleware runs between it and the route); keyed \
+             requests to routes without a policy are refused from now on. Register \
+             IdempotencyMiddleware inside the authentication (on the same scope, registered \
+             first), or mark the handlers #[idempotent]"
+        );
+        slot.config
+            .scope_seen_too_early
+            .store(true, Ordering::Relaxed);
+    }
+    let outcome = std::mem::take(&mut *slot.outcome.borrow_mut());
+    match outcome {
+        DefaultOutcome::Answer(answer) => {
+            // An answer computed under the wrong scope could be another caller's replay.
+            let answer = if scoped_too_early {
+                scope_too_early().error_response()
+            } else {
+                answer
+            };
+            match result {
+                Ok(response) => Ok(response.into_response(answer).map_into_right_body()),
+                Err(_) => Err(InternalError::from_response("idempotency", answer).into()),
+            }
+        }
+        DefaultOutcome::Running(pending) => pending.settle(result).await,
+        DefaultOutcome::Unprotected | DefaultOutcome::None => {
+            result.map(ServiceResponse::map_into_left_body)
+        }
+    }
+}
+
+/// Routes whose handler answered without reading the body: the default never saw them.
+static UNREAD_ROUTES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Logs, once per route, a handler that answered successfully without reading its body: the
+/// enforce-mode default had no moment to settle its key before it ran.
+fn report_unread_body<B>(result: &Result<ServiceResponse<B>, Error>) {
+    let Ok(response) = result else { return };
+    if !response.status().is_success() {
+        return;
+    }
+    let request = response.request();
+    let Some(pattern) = request.match_pattern() else {
+        return;
+    };
+    let route = format!("{} {pattern}", request.method());
+    let first_time = UNREAD_ROUTES
+        .lock()
+        .get_or_insert_with(HashSet::new)
+        .insert(route.clone());
+    if first_time {
+        log::error!(
+            "idempotency: {route} ran without idempotency protection: its handler reads no \
+             request body, so the enforce-mode default cannot settle its key before it runs. \
+             Mark it #[idempotent] (or #[idempotency_exempt])"
+        );
+    }
+}
+
+impl std::fmt::Debug for DeferredDefault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredDefault").finish_non_exhaustive()
+    }
+}
