@@ -381,10 +381,15 @@ async fn a_request_dropped_while_reserving_still_settles_its_key() {
 
     let gave_up = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
     assert_eq!(gave_up.status, StatusCode::GATEWAY_TIMEOUT, "{gave_up:?}");
-    faults.reservation_answer_delay_ms.store(0, Ordering::SeqCst);
+    faults
+        .reservation_answer_delay_ms
+        .store(0, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1800)).await;
 
     let retry = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
-    assert!(retry.is_replay(), "the dropped request completed: {retry:?}");
+    assert!(
+        retry.is_replay(),
+        "the dropped request completed: {retry:?}"
+    );
     assert_eq!(runs.count(), 1);
 }

@@ -51,9 +51,9 @@ async fn streamed_response(runs: web::Data<Runs>) -> HttpResponse {
     HttpResponse::Ok().streaming(futures_util::stream::iter(chunks))
 }
 
-/// No attribute: enforce mode requires a key.
+/// No attribute: enforce mode requires a key (settled when the handler reads its body).
 #[post("/notes")]
-async fn create_note(runs: web::Data<Runs>) -> HttpResponse {
+async fn create_note(runs: web::Data<Runs>, _note: web::Bytes) -> HttpResponse {
     HttpResponse::Created().body(format!("note {}", runs.record()))
 }
 
@@ -120,12 +120,9 @@ async fn replays_stored_response_for_same_key() {
             replay.headers().get("x-run").map(|v| v.as_bytes()),
             Some(&b"1"[..])
         );
-        assert_eq!(
-            replay
-                .headers()
-                .get(header::SET_COOKIE)
-                .map(|v| v.as_bytes()),
-            Some(&b"session=abc"[..])
+        assert!(
+            replay.headers().get(header::SET_COOKIE).is_none(),
+            "a cookie is never replayed to whoever retries, unless configured"
         );
         assert_eq!(
             replay
@@ -415,4 +412,21 @@ async fn app_without_telemetry(
     Error = actix_web::Error,
 > {
     app(default_builder(), runs).await
+}
+
+#[actix_rt::test]
+async fn set_cookie_is_replayed_only_when_configured() {
+    let runs = Runs::default();
+    let app = app(default_builder().replay_set_cookie(true), &runs).await;
+    let first = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let replay = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
+    assert_eq!(
+        replay
+            .headers()
+            .get(header::SET_COOKIE)
+            .map(|v| v.as_bytes()),
+        Some(&b"session=abc"[..])
+    );
+    assert_eq!(runs.count(), 1);
 }
