@@ -315,8 +315,7 @@ async fn a_failed_completion_is_retried_and_the_retry_is_replayed() {
 }
 
 /// A reservation that was made but whose answer was lost: the client gets 503, and the key is
-/// freed at once instead of answering 409 for a whole lease. Even under fail-open, the request
-/// whose reservation may exist never runs unprotected beside it.
+/// freed at once instead of answering 409 for a whole lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reservation_whose_answer_was_lost_is_released() {
     let (store, faults) = faulty();

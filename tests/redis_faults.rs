@@ -224,7 +224,7 @@ async fn a_redis_restart_loses_no_request_in_flight() {
     let runs = Runs::default();
     let builder = IdempotencyMiddleware::builder(store(&private.url(), "restart:"))
         .reservation_lease(Duration::from_secs(3));
-    let server = server(builder, &runs, Duration::from_millis(1500));
+    let server = server(builder, &runs, Duration::from_millis(2500));
 
     const REQUESTS: usize = 20;
     let start = Arc::new(Barrier::new(REQUESTS + 1));
@@ -244,6 +244,18 @@ async fn a_redis_restart_loses_no_request_in_flight() {
     private.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
     private.start().await.unwrap_or_else(|e| panic!("{e}"));
+    // By now every reservation was renewed once since the restart, which made it again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let duplicates = (0..REQUESTS).map(|n| {
+        let url = server.url("/work");
+        async move { post_keyed(&client(), &url, &format!("k{n}"), "order").await }
+    });
+    for duplicate in join_all(duplicates).await {
+        assert!(
+            duplicate.status == StatusCode::CONFLICT || duplicate.is_replay(),
+            "a duplicate during the run must not run: {duplicate:?}"
+        );
+    }
 
     for answer in join_all(requests).await {
         let answer = answer.unwrap_or_else(|e| panic!("{e}"));

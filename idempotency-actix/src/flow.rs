@@ -174,7 +174,12 @@ impl Operation {
                 .await;
             let in_flight_fingerprint = match reservation {
                 Err(error) => {
-                    drop(unanswered);
+                    // A full store refused outright: nothing was written, nothing to free.
+                    if matches!(error, StoreError::Full(_)) {
+                        unanswered.answered();
+                    } else {
+                        drop(unanswered);
+                    }
                     return self.store_unavailable(config, &error);
                 }
                 Ok(answer) => {
@@ -327,7 +332,7 @@ pub(crate) struct PendingRecord {
     key: String,
     token: ReservationToken,
     fingerprint: Fingerprint,
-    renewal: JoinHandle<()>,
+    renewal: Option<JoinHandle<()>>,
     settled: bool,
 }
 
@@ -353,7 +358,7 @@ impl PendingRecord {
             key,
             token,
             fingerprint,
-            renewal,
+            renewal: Some(renewal),
             settled: false,
         }
     }
@@ -415,10 +420,11 @@ impl PendingRecord {
         Ok(ServiceResponse::new(request, head.set_body(body)).map_into_right_body())
     }
 
-    /// Stores the record. A store fault is retried in the background within the lease, so the
-    /// client gets its response now and a retry finds the record once the store answers.
+    /// Stores the record. A store fault is retried in the background within the lease, while
+    /// the reservation is still renewed, so the client gets its response now and a retry finds
+    /// the record once the store answers.
     async fn complete(&mut self, response: Option<StoredResponse>) {
-        self.stop_renewing();
+        self.settled = true;
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
         let first = self
@@ -426,20 +432,27 @@ impl PendingRecord {
             .complete(&self.key, self.token, record.clone(), ttl)
             .await;
         let error = match first {
-            Ok(completion) => return log_completion(completion),
+            Ok(completion) => {
+                self.stop_renewing();
+                return log_completion(completion);
+            }
             Err(error) => error,
         };
         log::warn!("idempotency: could not store a response, retrying: {error}");
         let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
         let lease = self.config.reservation_lease;
+        let renewal = self.renewal.take();
         actix_web::rt::spawn(async move {
             let stored =
                 retry_within(lease, || store.complete(&key, token, record.clone(), ttl)).await;
+            if let Some(renewal) = renewal {
+                renewal.abort();
+            }
             match stored {
                 Ok(completion) => log_completion(completion),
                 Err(error) => log::error!(
-                    "idempotency: gave up storing a response after {lease:?}: {error}; once \
-                     its reservation expires, a retry of this key runs the handler again"
+                    "idempotency: gave up storing a response: {error}; once its reservation \
+                     expires, a retry of this key runs the handler again"
                 ),
             }
         });
@@ -461,7 +474,9 @@ impl PendingRecord {
 
     fn stop_renewing(&mut self) {
         self.settled = true;
-        self.renewal.abort();
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
     }
 }
 
@@ -491,7 +506,9 @@ fn log_completion(completion: Completion) {
 
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        self.renewal.abort();
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),

@@ -20,6 +20,11 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 
 /// How many renewals fit in one lease: the reservation survives two failed renewals in a row.
 const RENEWALS_PER_LEASE: u32 = 3;
+/// The shortest pause between renewals, whatever the lease.
+const SHORTEST_RENEWAL: Duration = Duration::from_millis(10);
+/// The longest a failed operation is retried, however long the lease: past it the store is
+/// not having a blip, and one task per request must not wait on it for ever.
+const LONGEST_RETRYING: Duration = Duration::from_secs(10 * 60);
 
 /// `now + duration`, or `None` when that is past what the clock can represent (a timeout of
 /// `Duration::MAX` means "no deadline").
@@ -40,7 +45,7 @@ pub(crate) async fn keep_reserved(
     fingerprint: Fingerprint,
     lease: Duration,
 ) -> Infallible {
-    let period = lease / RENEWALS_PER_LEASE;
+    let period = (lease / RENEWALS_PER_LEASE).max(SHORTEST_RENEWAL);
     let mut pause = period;
     loop {
         tokio::time::sleep(pause).await;
@@ -69,7 +74,8 @@ pub(crate) async fn keep_reserved(
 }
 
 /// Runs `attempt` until it succeeds, pausing from 20 ms doubling to 1 s between attempts, for
-/// at most `within`. Returns the last error when time runs out.
+/// at most `within` (and never more than ten minutes). Returns the last error when time runs
+/// out, or at once for an error that retrying cannot mend.
 pub(crate) async fn retry_within<T, F, Fut>(
     within: Duration,
     mut attempt: F,
@@ -78,11 +84,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let give_up_at = deadline_after(within);
+    let give_up_at = deadline_after(within.min(LONGEST_RETRYING));
     let mut pause = FIRST_RETRY;
     loop {
         let error = match attempt().await {
             Ok(value) => return Ok(value),
+            Err(error @ StoreError::Corrupt(_)) => return Err(error),
             Err(error) => error,
         };
         let now = Instant::now();

@@ -28,12 +28,9 @@ use tokio::sync::Notify;
 
 use super::{
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
-
-/// The longest lease or TTL the store represents; longer ones are cut to it rather than
-/// overflowing a clock.
-const LONGEST_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// How often, at most, record evictions are logged.
 const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -72,8 +69,14 @@ struct Kept {
 }
 
 fn deadline(now: Instant, lifetime: Duration) -> Instant {
-    now.checked_add(lifetime.min(LONGEST_LIFETIME))
-        .unwrap_or(now)
+    // A hundred years fits every platform's clock; halve it until it fits a stranger one.
+    let mut lifetime = lifetime.min(LONGEST_LIFETIME);
+    loop {
+        if let Some(deadline) = now.checked_add(lifetime) {
+            return deadline;
+        }
+        lifetime /= 2;
+    }
 }
 
 /// A reservation expires when its lease (last set by `reserve` or `renew`) runs out.
@@ -356,8 +359,16 @@ impl MemoryStore {
         let Some(owner) = self.reservations.get(key) else {
             return;
         };
-        // Registered on creation: a notification between the lookup and the await is not lost.
+        // `notified` registers on creation; a reservation that ended between the lookup and
+        // here is caught by looking again, so its end is never waited for in vain.
         let notified = owner.ended.notified();
+        if !self
+            .reservations
+            .get(key)
+            .is_some_and(|current| current.token == owner.token)
+        {
+            return;
+        }
         let _ = tokio::time::timeout(within, notified).await;
     }
 }
@@ -427,8 +438,8 @@ impl MemoryStoreBuilder {
     }
 
     /// How many requests may be in flight (reserved, handler running) at once; past it, new
-    /// keyed requests get 503 without running. The count is approximate by a few entries under
-    /// heavy concurrency.
+    /// keyed requests get 503 without running. A safety valve, not an exact quota: the count is
+    /// moka's, brought up to date every few dozen writes, so a burst may pass it by that much.
     ///
     /// Defaults to 100 000.
     pub fn max_in_flight(mut self, max_in_flight: u64) -> Self {

@@ -18,3 +18,8 @@ pub use record::{
 
 #[cfg(test)]
 pub(crate) mod conformance;
+
+/// The longest lease or TTL a store represents; longer ones are cut to it rather than
+/// overflowing a clock (Redis refuses an expiry past its clock's range).
+const LONGEST_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(100 * 365 * 24 * 60 * 60);

@@ -10,6 +10,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
 
@@ -73,10 +74,6 @@ return 0
 
 const IN_FLIGHT: u8 = b'i';
 const COMPLETED: u8 = b'c';
-
-/// The longest lease or TTL sent to Redis; longer ones are cut to it, since Redis refuses an
-/// expiry past its clock's range.
-const LONGEST_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// A store on Redis, shared by every instance that points at the same server and key prefix.
 ///
@@ -385,7 +382,8 @@ impl RedisStoreBuilder {
 fn backend(error: redis::RedisError) -> StoreError {
     // A Redis at `maxmemory` under `noeviction` refuses writes with OOM: the store is full,
     // which must never turn into an unprotected run the way an outage may under fail-open.
-    if error.code() == Some("OOM") {
+    // Redis 7 reports it with the OOM code; older versions wrap it in a script error.
+    if error.code() == Some("OOM") || error.to_string().contains("OOM command not allowed") {
         return StoreError::Full(error.to_string());
     }
     StoreError::Backend(Box::new(error))
