@@ -46,6 +46,9 @@ enum State {
     Unread,
     Settling(LocalBoxFuture<'static, Start>),
     Body(Payload),
+    /// The default answers instead of the handler: one error makes the handler's extractor
+    /// fail, so the handler never runs.
+    Refusing,
     Answered,
 }
 
@@ -64,12 +67,7 @@ impl Stream for DeferredDefault {
                     this.state = match start {
                         Start::Respond(answer) => {
                             *this.slot.outcome.borrow_mut() = DefaultOutcome::Answer(answer);
-                            this.state = State::Answered;
-                            // The handler's extractor fails on this, so the handler never runs;
-                            // the middleware then sends the default's answer instead.
-                            return Poll::Ready(Some(Err(PayloadError::Io(
-                                std::io::Error::other("answered by IdempotencyMiddleware"),
-                            ))));
+                            State::Refusing
                         }
                         Start::Proceed {
                             payload, pending, ..
@@ -83,6 +81,12 @@ impl Stream for DeferredDefault {
                     };
                 }
                 State::Body(payload) => return Pin::new(payload).poll_next(cx),
+                State::Refusing => {
+                    this.state = State::Answered;
+                    return Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::other(
+                        "answered by IdempotencyMiddleware",
+                    )))));
+                }
                 State::Answered => return Poll::Ready(None),
             }
         }
@@ -100,7 +104,7 @@ fn start(slot: &RouteSlot) -> State {
     let config = std::sync::Arc::clone(&slot.config);
     if config.scope_seen_too_early.load(Ordering::Relaxed) {
         *slot.outcome.borrow_mut() = DefaultOutcome::Answer(scope_too_early().error_response());
-        return State::Answered;
+        return State::Refusing;
     }
     let Some(facts) = slot.facts.borrow_mut().take() else {
         return State::Body(Payload::None);

@@ -1,0 +1,302 @@
+//! Authentication before idempotency: no replay, refusal or reservation before every
+//! middleware on the route has run, and callers kept apart by a scope that sees who they are.
+//!
+//! The matrix: authentication at app level (outside or inside the idempotency middleware) or on
+//! a `web::scope`, through `middleware::from_fn` (which defers routing) or a hand-written
+//! `Transform` (which does not); a route with a policy or without; enforce and exempt mode.
+
+use std::future::{ready, Ready};
+
+use actix_web::{
+    body::{EitherBody, MessageBody},
+    dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
+    http::StatusCode,
+    middleware::{from_fn, Next},
+    test, web, App, Error, HttpMessage, HttpResponse,
+};
+use futures_util::future::{Either, LocalBoxFuture};
+use idempotency_actix::{
+    ExtensionScope, IdempotencyMiddleware, IdempotencyPolicy, MemoryStore, Mode,
+};
+use idempotency_actix_workspace::{respond, Received, Runs};
+
+/// Who the authentication middleware says the caller is.
+#[derive(Debug, Clone)]
+struct User(String);
+
+fn caller(req: &ServiceRequest) -> Option<User> {
+    let name = req.headers().get("x-user")?.to_str().ok()?;
+    Some(User(name.to_owned()))
+}
+
+/// Authentication as most services write it now: `from_fn`, which defers routing.
+async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
+    actix_web::rt::task::yield_now().await;
+    let Some(user) = caller(&req) else {
+        let refused = HttpResponse::Unauthorized().body("who are you?");
+        return Ok(req.into_response(refused).map_into_right_body());
+    };
+    req.extensions_mut().insert(user);
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+/// Authentication as a hand-written middleware that calls through at once.
+struct RequireUser;
+
+impl<S, B> Transform<S, ServiceRequest> for RequireUser
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Transform = RequireUserService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, ()>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(RequireUserService { service }))
+    }
+}
+
+struct RequireUserService<S> {
+    service: S,
+}
+
+impl<S, B> Service<ServiceRequest> for RequireUserService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = Error;
+    type Future = Either<
+        LocalBoxFuture<'static, Result<Self::Response, Error>>,
+        Ready<Result<Self::Response, Error>>,
+    >;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let Some(user) = caller(&req) else {
+            let refused = HttpResponse::Unauthorized().body("who are you?");
+            return Either::Right(ready(Ok(req.into_response(refused).map_into_right_body())));
+        };
+        req.extensions_mut().insert(user);
+        let routed = self.service.call(req);
+        Either::Left(Box::pin(async move {
+            routed.await.map(ServiceResponse::map_into_left_body)
+        }))
+    }
+}
+
+async fn pay(user: web::ReqData<User>, runs: web::Data<Runs>, _body: web::Bytes) -> HttpResponse {
+    HttpResponse::Created().body(format!("payment {} for {}", runs.record(), user.0))
+}
+
+/// `/pay` has no policy; `/pay-marked` carries what `#[idempotent]` attaches.
+fn payments(config: &mut web::ServiceConfig) {
+    config
+        .service(web::resource("/pay").route(web::post().to(pay)))
+        .service(
+            web::resource("/pay-marked")
+                .wrap(IdempotencyPolicy::required())
+                .route(web::post().to(pay)),
+        );
+}
+
+fn idempotency(mode: Mode) -> IdempotencyMiddleware {
+    IdempotencyMiddleware::builder(MemoryStore::default())
+        .mode(mode)
+        .scope(ExtensionScope::new(|user: &User| user.0.clone()))
+        .build()
+        .unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+/// What a layout must give the four requests of [`exchange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Each caller's operation runs once; retries are replayed to their own caller only.
+    OncePerCaller,
+    /// No idempotency on this route: every request runs.
+    EveryTime,
+    /// The layout cannot scope callers for this route, so keyed requests are refused (500
+    /// `misconfigured`) from the first one whose scope changed after the middleware ran.
+    RefusedLoudly,
+}
+
+fn keyed(path: &str, user: Option<&str>) -> actix_http::Request {
+    let mut request = test::TestRequest::post()
+        .uri(path)
+        .insert_header(("Idempotency-Key", "pay-1"))
+        .insert_header(("content-type", "application/json"))
+        .set_payload("{\"amount\":100}");
+    if let Some(user) = user {
+        request = request.insert_header(("x-user", user));
+    }
+    request.to_request()
+}
+
+/// alice pays, a caller without credentials replays her key, bob uses the same key and body,
+/// alice retries.
+async fn exchange<S, B>(app: &S, path: &str, runs: &Runs, expect: Expect, case: &str)
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = Error>,
+    B: MessageBody + 'static,
+{
+    let alice = respond(app, keyed(path, Some("alice"))).await;
+    let anonymous = respond(app, keyed(path, None)).await;
+    let bob = respond(app, keyed(path, Some("bob"))).await;
+    let alice_again = respond(app, keyed(path, Some("alice"))).await;
+    let is_fresh = |answer: &Received, body: &str| {
+        answer.status == StatusCode::CREATED && !answer.is_replay() && answer.body == body
+    };
+
+    assert!(is_fresh(&alice, "payment 1 for alice"), "{case}: {alice:?}");
+    assert_eq!(
+        anonymous.status,
+        StatusCode::UNAUTHORIZED,
+        "{case}: authentication answers before any replay: {anonymous:?}"
+    );
+    match expect {
+        Expect::OncePerCaller => {
+            assert!(is_fresh(&bob, "payment 2 for bob"), "{case}: {bob:?}");
+            assert!(alice_again.is_replay(), "{case}: {alice_again:?}");
+            assert_eq!(alice_again.body, alice.body, "{case}");
+            assert_eq!(runs.count(), 2, "{case}");
+        }
+        Expect::EveryTime => {
+            assert!(is_fresh(&bob, "payment 2 for bob"), "{case}: {bob:?}");
+            assert!(
+                is_fresh(&alice_again, "payment 3 for alice"),
+                "{case}: {alice_again:?}"
+            );
+            assert_eq!(runs.count(), 3, "{case}");
+        }
+        Expect::RefusedLoudly => {
+            for refused in [&bob, &alice_again] {
+                assert_eq!(
+                    refused.status,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "{case}: {refused:?}"
+                );
+                assert!(
+                    refused
+                        .problem_type()
+                        .is_some_and(|t| t.ends_with("#misconfigured")),
+                    "{case}: {refused:?}"
+                );
+            }
+            assert_eq!(runs.count(), 1, "{case}");
+        }
+    }
+}
+
+/// Where authentication sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `App::new().wrap(idempotency).wrap(auth)`: authentication runs first (the README's
+    /// advice).
+    AppOutside,
+    /// `App::new().wrap(auth).wrap(idempotency)`: authentication runs between the
+    /// idempotency middleware and the routes.
+    AppInside,
+    /// `App::new().wrap(idempotency)` and authentication on `web::scope("/api")`.
+    Scope,
+    /// As `Scope`, with the idempotency middleware registered on the scope as well, inside
+    /// its authentication.
+    ScopeAndInside,
+}
+
+fn expected(layout: Layout, marked: bool, mode: Mode) -> Expect {
+    match (marked, mode, layout) {
+        (true, _, _) => Expect::OncePerCaller,
+        (false, Mode::Exempt, _) => Expect::EveryTime,
+        (false, _, Layout::AppOutside | Layout::ScopeAndInside) => Expect::OncePerCaller,
+        (false, _, Layout::AppInside | Layout::Scope) => Expect::RefusedLoudly,
+    }
+}
+
+macro_rules! check {
+    ($layout:ident, $auth:expr, $auth_name:expr) => {
+        for mode in [Mode::Enforce, Mode::Exempt] {
+            for marked in [true, false] {
+                let runs = Runs::default();
+                let idempotency = idempotency(mode);
+                let data = web::Data::new(runs.clone());
+                let route = if marked { "/pay-marked" } else { "/pay" };
+                let case = format!("{:?}, {}, {mode:?}, {route}", Layout::$layout, $auth_name);
+                let expect = expected(Layout::$layout, marked, mode);
+                match Layout::$layout {
+                    Layout::AppOutside => {
+                        let app = test::init_service(
+                            App::new()
+                                .wrap(idempotency)
+                                .wrap($auth)
+                                .app_data(data)
+                                .configure(payments),
+                        )
+                        .await;
+                        exchange(&app, route, &runs, expect, &case).await;
+                    }
+                    Layout::AppInside => {
+                        let app = test::init_service(
+                            App::new()
+                                .wrap($auth)
+                                .wrap(idempotency)
+                                .app_data(data)
+                                .configure(payments),
+                        )
+                        .await;
+                        exchange(&app, route, &runs, expect, &case).await;
+                    }
+                    Layout::Scope => {
+                        let app = test::init_service(
+                            App::new()
+                                .wrap(idempotency)
+                                .app_data(data)
+                                .service(web::scope("/api").wrap($auth).configure(payments)),
+                        )
+                        .await;
+                        let path = format!("/api{route}");
+                        exchange(&app, &path, &runs, expect, &case).await;
+                    }
+                    Layout::ScopeAndInside => {
+                        let app = test::init_service(
+                            App::new().wrap(idempotency.clone()).app_data(data).service(
+                                web::scope("/api")
+                                    .wrap(idempotency)
+                                    .wrap($auth)
+                                    .configure(payments),
+                            ),
+                        )
+                        .await;
+                        let path = format!("/api{route}");
+                        exchange(&app, &path, &runs, expect, &case).await;
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[actix_rt::test]
+async fn authentication_with_from_fn_runs_before_any_replay_in_every_layout() {
+    check!(AppOutside, from_fn(authenticate), "from_fn");
+    check!(AppInside, from_fn(authenticate), "from_fn");
+    check!(Scope, from_fn(authenticate), "from_fn");
+    check!(ScopeAndInside, from_fn(authenticate), "from_fn");
+}
+
+#[actix_rt::test]
+async fn authentication_as_a_transform_runs_before_any_replay_in_every_layout() {
+    check!(AppOutside, RequireUser, "Transform");
+    check!(AppInside, RequireUser, "Transform");
+    check!(Scope, RequireUser, "Transform");
+    check!(ScopeAndInside, RequireUser, "Transform");
+}
