@@ -1,0 +1,237 @@
+//! What makes two requests one operation: the query string, the path as routing matched it,
+//! and nothing for requests routing does not match.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use actix_web::{get, http::StatusCode, post, test, web, App, HttpResponse};
+use idempotency_actix::{
+    idempotent,
+    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
+    Fingerprint, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
+    MemoryStore, StoreError,
+};
+use idempotency_actix_workspace::{respond, Received, Runs};
+
+#[idempotent]
+#[post("/echo")]
+async fn echo(runs: web::Data<Runs>, query: web::Query<Vec<(String, String)>>) -> HttpResponse {
+    HttpResponse::Created().body(format!("run {} for {:?}", runs.record(), query.0))
+}
+
+#[idempotent]
+#[post("/orders")]
+async fn orders(runs: web::Data<Runs>, _body: web::Bytes) -> HttpResponse {
+    HttpResponse::Created().body(format!("order {}", runs.record()))
+}
+
+/// No policy: enforce mode applies its default.
+#[post("/notes")]
+async fn notes(runs: web::Data<Runs>, _body: web::Bytes) -> HttpResponse {
+    HttpResponse::Created().body(format!("note {}", runs.record()))
+}
+
+#[get("/report")]
+async fn report() -> HttpResponse {
+    HttpResponse::Ok().body("report")
+}
+
+/// A memory store that counts the reservations it is asked for.
+#[derive(Debug, Clone, Default)]
+struct Counting {
+    store: MemoryStore,
+    reservations: Arc<AtomicUsize>,
+}
+
+impl IdempotencyStore for Counting {
+    fn reserve(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> {
+        self.reservations.fetch_add(1, Ordering::SeqCst);
+        self.store.reserve(key, token, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
+        self.store.renew(key, token, fingerprint, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Completion, StoreError>> {
+        self.store.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: ReservationToken,
+    ) -> impl Future<Output = Result<(), StoreError>> {
+        self.store.release(key, token)
+    }
+}
+
+async fn exchange(
+    builder: IdempotencyMiddlewareBuilder,
+    runs: &Runs,
+    requests: Vec<test::TestRequest>,
+) -> Vec<Received> {
+    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
+    let app = test::init_service(
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .service(echo)
+            .service(orders)
+            .service(notes)
+            .service(report),
+    )
+    .await;
+    let mut received = Vec::new();
+    for request in requests {
+        received.push(respond(&app, request.to_request()).await);
+    }
+    received
+}
+
+fn post(uri: &str, key: Option<&str>) -> test::TestRequest {
+    let request = test::TestRequest::post()
+        .uri(uri)
+        .insert_header(("content-type", "application/json"))
+        .set_payload("{}");
+    match key {
+        Some(key) => request.insert_header(("Idempotency-Key", key.to_owned())),
+        None => request,
+    }
+}
+
+fn slug(answer: &Received) -> Option<String> {
+    answer
+        .problem_type()
+        .and_then(|t| t.rsplit('#').next().map(str::to_owned))
+}
+
+#[actix_rt::test]
+async fn the_query_string_is_part_of_the_request_by_default() {
+    let runs = Runs::default();
+    let got = exchange(
+        IdempotencyMiddleware::builder(MemoryStore::default()),
+        &runs,
+        vec![
+            post("/echo?to=alice", Some("k")),
+            post("/echo?to=bob", Some("k")),
+            post("/echo?to=alice", Some("k")),
+        ],
+    )
+    .await;
+    assert_eq!(got[0].status, StatusCode::CREATED, "{:?}", got[0]);
+    assert_eq!(
+        got[1].status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(slug(&got[1]).as_deref(), Some("payload-mismatch"));
+    assert!(got[2].is_replay(), "{:?}", got[2]);
+    assert_eq!(runs.count(), 1);
+}
+
+#[actix_rt::test]
+async fn the_query_string_can_be_left_out_of_the_request() {
+    let runs = Runs::default();
+    let builder =
+        IdempotencyMiddleware::builder(MemoryStore::default()).query_in_fingerprint(false);
+    let got = exchange(
+        builder,
+        &runs,
+        vec![
+            post("/echo?to=alice", Some("k")),
+            post("/echo?to=bob", Some("k")),
+        ],
+    )
+    .await;
+    assert_eq!(got[0].status, StatusCode::CREATED);
+    assert!(got[1].is_replay(), "{:?}", got[1]);
+    assert_eq!(runs.count(), 1);
+}
+
+/// Every spelling that routing sends to one handler is one operation, for routes with a policy
+/// and for the enforce-mode default.
+#[actix_rt::test]
+async fn percent_encoded_spellings_of_one_path_are_one_operation() {
+    for (plain, spellings) in [
+        ("/orders", ["/%6Frders", "/ord%65rs", "/%6f%72%64%65%72%73"]),
+        ("/notes", ["/%6Eotes", "/not%65s", "/%6e%6f%74%65%73"]),
+    ] {
+        let runs = Runs::default();
+        let mut requests = vec![post(plain, Some("k"))];
+        requests.extend(spellings.iter().map(|path| post(path, Some("k"))));
+        let got = exchange(
+            IdempotencyMiddleware::builder(MemoryStore::default()),
+            &runs,
+            requests,
+        )
+        .await;
+        assert_eq!(got[0].status, StatusCode::CREATED, "{plain}: {:?}", got[0]);
+        for replay in &got[1..] {
+            assert!(replay.is_replay(), "{plain}: {replay:?}");
+            assert_eq!(replay.body, got[0].body);
+        }
+        assert_eq!(runs.count(), 1, "{plain}");
+    }
+}
+
+/// Routing answers what it would without the middleware, and nothing is reserved.
+#[actix_rt::test]
+async fn unmatched_paths_and_methods_answer_as_routing_does_without_reserving() {
+    let requests = || {
+        vec![
+            post("/nope", None),
+            post("/nope", Some("k1")),
+            test::TestRequest::put().uri("/report"),
+            test::TestRequest::put()
+                .uri("/report")
+                .insert_header(("Idempotency-Key", "k2")),
+        ]
+    };
+    let without = {
+        let app = test::init_service(App::new().service(report)).await;
+        let mut statuses = Vec::new();
+        for request in requests() {
+            statuses.push(respond(&app, request.to_request()).await.status);
+        }
+        statuses
+    };
+    assert_eq!(without[0], StatusCode::NOT_FOUND);
+
+    let store = Counting::default();
+    let runs = Runs::default();
+    let with = exchange(
+        IdempotencyMiddleware::builder(store.clone()),
+        &runs,
+        requests(),
+    )
+    .await;
+    let with: Vec<_> = with.iter().map(|answer| answer.status).collect();
+    assert_eq!(with, without);
+    assert_eq!(store.reservations.load(Ordering::SeqCst), 0);
+}
