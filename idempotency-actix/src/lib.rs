@@ -101,14 +101,13 @@
 //! # let _ = middleware;
 //! ```
 //!
-//! # Limits
+//! # When keys are settled
 //!
-//! In [`Mode::Enforce`], handlers **without** an attribute are only known to need a key after
-//! routing has taken the request, so the middleware's own answers for them (400, 409, 422, 503
-//! and replays) travel as an `actix_web::Error` holding the full response. Clients see exactly
-//! the same response, but middleware registered outside this one that only acts on successful
-//! responses (`Logger`, `DefaultHeaders`, CORS) skips them. Mark such handlers
-//! `#[idempotent]` to have every answer pass through the whole stack.
+//! After every middleware on the route has run, authentication included: a route's policy
+//! settles the key when routing reaches it; in [`Mode::Enforce`], a route without a policy is
+//! settled when its handler first reads the body. A handler without a policy that reads no body
+//! is therefore not protected (the log names it once): mark it `#[idempotent]`. Every answer is
+//! an ordinary response that outer middleware (`Logger`, `DefaultHeaders`, CORS) sees.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]

@@ -34,8 +34,11 @@ use crate::{
 /// share one configuration and one store.
 ///
 /// **Ordering.** Register it *before* any other `wrap` (actix runs the first-registered
-/// middleware innermost), so that it runs after authentication and nothing that defers routing
-/// sits between it and the routes. See [`IdempotencyPolicy`](crate::IdempotencyPolicy).
+/// middleware innermost). Keys are settled after every middleware on the route has run: by the
+/// route's policy, or, for routes without one in enforce mode, when the handler reads its body.
+/// With authentication on a `web::scope` and routes without a policy, register it on that scope
+/// too, inside the authentication; the innermost registration acts. See
+/// [`IdempotencyPolicy`](crate::IdempotencyPolicy).
 ///
 /// ```no_run
 /// use actix_web::{middleware::Logger, post, web, App, HttpResponse, HttpServer};
