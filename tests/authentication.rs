@@ -300,3 +300,67 @@ async fn authentication_as_a_transform_runs_before_any_replay_in_every_layout() 
     check!(Scope, RequireUser, "Transform");
     check!(ScopeAndInside, RequireUser, "Transform");
 }
+
+/// Authentication that lets anonymous callers through, as public-and-private APIs do.
+async fn identify_if_possible(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    actix_web::rt::task::yield_now().await;
+    if let Some(user) = caller(&req) {
+        req.extensions_mut().insert(user);
+    }
+    next.call(req).await
+}
+
+async fn pay_slowly(
+    user: Option<web::ReqData<User>>,
+    runs: web::Data<Runs>,
+    _body: web::Bytes,
+) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(std::time::Duration::from_millis(300)).await;
+    let who = user.map_or_else(|| "nobody".to_owned(), |user| user.0.clone());
+    HttpResponse::Created().body(format!("payment {run} for {who}"))
+}
+
+/// alice's request runs under the scope computed before her identity was known; an anonymous
+/// caller waiting on the same key meanwhile must not be handed her response, and nobody gets
+/// it later either.
+#[actix_rt::test]
+async fn a_scope_seen_too_early_never_hands_a_response_to_another_caller() {
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
+        .scope(ExtensionScope::new(|user: &User| user.0.clone()))
+        .lock_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let app = test::init_service(
+        App::new()
+            .wrap(from_fn(identify_if_possible))
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .route("/pay", web::post().to(pay_slowly)),
+    )
+    .await;
+    let eve_later = async {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+        respond(&app, keyed("/pay", None)).await
+    };
+    let (alice, eve) =
+        futures_util::future::join(respond(&app, keyed("/pay", Some("alice"))), eve_later).await;
+    let eve_again = respond(&app, keyed("/pay", None)).await;
+    assert_eq!(alice.body, "payment 1 for alice", "{alice:?}");
+    for answer in [&eve, &eve_again] {
+        assert!(
+            !answer.body.windows(5).any(|w| w == b"alice"),
+            "another caller got alice's response: {answer:?}"
+        );
+        assert_eq!(
+            answer.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{answer:?}"
+        );
+    }
+    assert_eq!(runs.count(), 1);
+}

@@ -94,7 +94,8 @@ impl Stream for DeferredDefault {
 }
 
 /// The first read: the default starts, unless a route policy (or an inner registration)
-/// already took the request, in which case the real payload is read as it is.
+/// already took the request, in which case the real payload is read as it is (through whatever
+/// the inner registration and the middleware between wrapped around this stand-in).
 fn start(slot: &RouteSlot) -> State {
     if slot.decision.get() != Decision::Pending {
         let held = slot.held_payload.borrow_mut().take();
@@ -165,8 +166,10 @@ where
     let outcome = std::mem::take(&mut *slot.outcome.borrow_mut());
     match outcome {
         DefaultOutcome::Answer(answer) => {
-            // An answer computed under the wrong scope could be another caller's replay.
-            let answer = if scoped_too_early {
+            report_swallowed_refusal(&result);
+            // An answer computed before the scope was known could be another caller's replay,
+            // whether this request or a concurrent one found that out.
+            let answer = if slot.config.scope_seen_too_early.load(Ordering::Relaxed) {
                 scope_too_early().error_response()
             } else {
                 answer
@@ -176,10 +179,33 @@ where
                 Err(_) => Err(InternalError::from_response("idempotency", answer).into()),
             }
         }
-        DefaultOutcome::Running(pending) => pending.settle(result).await,
+        DefaultOutcome::Running(mut pending) => {
+            if scoped_too_early {
+                // It ran, under a key space that may be shared with other callers: its
+                // response must never be replayed to anyone.
+                pending.forbid_replay();
+            }
+            pending.settle(result).await
+        }
         DefaultOutcome::Unprotected | DefaultOutcome::None => {
             result.map(ServiceResponse::map_into_left_body)
         }
+    }
+}
+
+/// Logs a handler that answered successfully although the default refused its request: an
+/// extractor swallowed the body error (`Option<web::Json<T>>`) or the handler reads its body
+/// itself (`web::Payload`), so it ran. Its response is replaced all the same.
+fn report_swallowed_refusal<B>(result: &Result<ServiceResponse<B>, Error>) {
+    let Ok(response) = result else { return };
+    if response.status().is_success() {
+        log::error!(
+            "idempotency: {} {} ran although the idempotency middleware refused the request: \
+             its handler ignores body errors (Option/Result extractors) or reads the body \
+             itself. Mark it #[idempotent] so that its key is settled before it runs",
+            response.request().method(),
+            response.request().path()
+        );
     }
 }
 

@@ -310,11 +310,20 @@ where
     if detached {
         return pending.settle(handler.await).await;
     }
-    let task = actix_web::rt::spawn(async move { pending.settle(handler.await).await });
-    match task.await {
+    run_detached(async move { pending.settle(handler.await).await }).await
+}
+
+/// Runs `work` in a task of its own, so that a request dropped half-way (a client gone, an
+/// outer timeout) does not cancel it; a panic in it becomes a 500.
+pub(crate) async fn run_detached<F, B>(work: F) -> Result<ServiceResponse<B>, Error>
+where
+    F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
+    B: 'static,
+{
+    match actix_web::rt::spawn(work).await {
         Ok(result) => result,
         Err(error) => {
-            // The handler panicked; unwinding dropped the reservation, which frees the key.
+            // The handler panicked; unwinding dropped its reservation, which frees the key.
             log::error!("idempotency: the handler of a keyed request panicked: {error}");
             Err(actix_web::error::ErrorInternalServerError(
                 "the handler panicked",
@@ -334,6 +343,7 @@ pub(crate) struct PendingRecord {
     fingerprint: Fingerprint,
     renewal: Option<JoinHandle<()>>,
     settled: bool,
+    replayable: bool,
 }
 
 impl PendingRecord {
@@ -360,7 +370,14 @@ impl PendingRecord {
             fingerprint,
             renewal: Some(renewal),
             settled: false,
+            replayable: true,
         }
+    }
+
+    /// Marks the operation as done but not replayable, whatever its response: it ran under a
+    /// key space that may not be its caller's, so its response must never be replayed.
+    pub(crate) fn forbid_replay(&mut self) {
+        self.replayable = false;
     }
 
     /// Settles the key with the handler's result: a storable response is stored (a streamed
@@ -425,6 +442,7 @@ impl PendingRecord {
     /// the record once the store answers.
     async fn complete(&mut self, response: Option<StoredResponse>) {
         self.settled = true;
+        let response = response.filter(|_| self.replayable);
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
         let first = self

@@ -22,7 +22,7 @@ use crate::{
     config::{Config, Mode},
     context::{is_safe, Decision, RequestFacts, RouteSlot},
     deferred::{self, deferred_default},
-    IdempotencyMiddlewareBuilder, IdempotencyStore,
+    flow, IdempotencyMiddlewareBuilder, IdempotencyStore,
 };
 
 /// The idempotency middleware, registered once on the app with [`App::wrap`](actix_web::App::wrap).
@@ -178,9 +178,13 @@ where
     /// deferred default; nothing is settled here, before the route's own middleware ran.
     fn route(&self, mut req: ServiceRequest) -> <Self as Service<ServiceRequest>>::Future {
         let pass_through: MapIntoLeft<B> = ServiceResponse::map_into_left_body;
-        if is_safe(req.method()) || !take_over_from_outer(&mut req) {
+        if is_safe(req.method()) {
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
+        let outer = match take_over_from_outer(&req) {
+            Some(outer) => outer,
+            None => return Either::Left(self.service.call(req).map_ok(pass_through)),
+        };
         let slot = Rc::new(RouteSlot::new(Arc::clone(&self.config)));
         req.extensions_mut().insert(Rc::clone(&slot));
         if self.config.mode == Mode::Exempt {
@@ -191,43 +195,51 @@ where
         *slot.facts.borrow_mut() = Some(facts);
         *slot.held_payload.borrow_mut() = Some(req.take_payload());
         req.set_payload(deferred_default(Rc::clone(&slot)));
+        // A keyed request's handler runs in a task of its own (unless an outer registration
+        // already runs it in one): a client that goes away does not cancel it half-way, and
+        // its retry gets the replay.
+        let detach = keyed && outer != Outer::Detached;
+        slot.detached.set(keyed);
         let routed = self.service.call(req);
-        if !keyed {
-            return Either::Right(Box::pin(async move {
-                deferred::apply(&slot, routed.await).await
-            }));
-        }
-        // A keyed request's handler runs in its own task: a client that goes away does not
-        // cancel it half-way, and its retry gets the replay.
-        slot.detached.set(true);
         Either::Right(Box::pin(async move {
-            let task =
-                actix_web::rt::spawn(async move { deferred::apply(&slot, routed.await).await });
-            task.await.unwrap_or_else(|error| {
-                log::error!("idempotency: the handler of a keyed request panicked: {error}");
-                Err(actix_web::error::ErrorInternalServerError(
-                    "the handler panicked",
-                ))
-            })
+            let settle = async move { deferred::apply(&slot, routed.await).await };
+            if detach {
+                flow::run_detached(settle).await
+            } else {
+                settle.await
+            }
         }))
     }
 }
 
+/// What an outer registration of the middleware left for this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outer {
+    None,
+    /// An outer registration handed the request in; it already runs it in a task of its own.
+    Detached,
+    /// An outer registration handed the request in.
+    Attached,
+}
+
 /// With a second `IdempotencyMiddleware` registered further out (app and scope), the inner one
-/// acts: it runs after the middleware between the two, authentication included. Returns
-/// whether this registration acts; it does not when the outer one already settled the key.
-fn take_over_from_outer(req: &mut ServiceRequest) -> bool {
+/// acts: it runs after the middleware between the two, authentication included. The payload
+/// stays as it is (the outer stand-in, perhaps wrapped by the middleware between): once the
+/// outer slot is handed in, that stand-in streams the real body. Returns `None` when the outer
+/// registration already settled the key, and this one must stay out of the way.
+fn take_over_from_outer(req: &ServiceRequest) -> Option<Outer> {
     let Some(outer) = req.extensions().get::<Rc<RouteSlot>>().cloned() else {
-        return true;
+        return Some(Outer::None);
     };
     if outer.decision.get() != Decision::Pending {
-        return false;
+        return None;
     }
     outer.decision.set(Decision::HandedInward);
-    if let Some(real) = outer.held_payload.borrow_mut().take() {
-        req.set_payload(real);
-    }
-    true
+    Some(if outer.detached.get() {
+        Outer::Detached
+    } else {
+        Outer::Attached
+    })
 }
 
 /// The Python fork's `TELEMETRY` headers.

@@ -213,6 +213,15 @@ fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
     let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
     match slot {
         Some(slot) if slot.decision.get() == Decision::Pending => Ok(slot),
+        Some(slot) if slot.decision.get() == Decision::ClaimedByRoute => {
+            log::error!(
+                "idempotency: {} {} carries two idempotency policies (on a scope or resource and \
+                 on the route); keep one",
+                req.method(),
+                req.path()
+            );
+            Err("two idempotency policies apply to this route")
+        }
         Some(_) => {
             log::error!(
                 "idempotency: the route policy of {} {} was reached after something read the \
