@@ -1,11 +1,11 @@
 //! The in-process store, on moka.
 //!
-//! Reservations and completed records live in two caches. Reservations are few (one per
-//! request in flight) and must never be dropped to make room, so their cache has no size bound
-//! and entries leave it only when completed, released, or when their lease runs out. Records
-//! are many and may be dropped, oldest use first, when the memory bound is reached. Every
-//! operation on a key runs under the reservation cache's per-key lock, which is what makes
-//! "no reservation and no record, so reserve" one atomic step across the two caches.
+//! Reservations and completed records live apart. Reservations are few (one per request in
+//! flight) and must never be dropped to make room: they sit in a sharded map and leave it only
+//! when completed, released, or when their lease runs out. Records are many and may be dropped,
+//! oldest use first, when the memory bound is reached: they sit in a moka cache. Every
+//! operation on a key runs under its shard's lock, which is what makes "no reservation and no
+//! record, so reserve" one atomic step across the two.
 
 use std::{
     future::{ready, Future},
@@ -16,17 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moka::{
-    notification::RemovalCause,
-    ops::compute::{CompResult, Op},
-    policy::EvictionPolicy,
-    sync::Cache,
-    Expiry,
-};
+use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache, Expiry};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{
+    in_flight::{deadline, InFlight, InFlightMap},
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
     LONGEST_LIFETIME,
 };
@@ -35,72 +30,11 @@ use crate::{Fingerprint, StoreError};
 /// How often, at most, record evictions are logged.
 const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
-/// A key whose handler is running.
-#[derive(Debug, Clone)]
-struct InFlight {
-    token: ReservationToken,
-    fingerprint: Fingerprint,
-    expires_at: Instant,
-    /// Wakes the duplicates waiting for this reservation to end.
-    ended: Arc<Notify>,
-}
-
-impl InFlight {
-    fn new(
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        now: Instant,
-        lease: Duration,
-    ) -> Self {
-        Self {
-            token,
-            fingerprint,
-            expires_at: deadline(now, lease),
-            ended: Arc::new(Notify::new()),
-        }
-    }
-}
-
 /// A completed key and how long it is kept.
 #[derive(Debug, Clone)]
 struct Kept {
     record: Arc<CompletedRecord>,
     ttl: Duration,
-}
-
-fn deadline(now: Instant, lifetime: Duration) -> Instant {
-    // A hundred years fits every platform's clock; halve it until it fits a stranger one.
-    let mut lifetime = lifetime.min(LONGEST_LIFETIME);
-    loop {
-        if let Some(deadline) = now.checked_add(lifetime) {
-            return deadline;
-        }
-        lifetime /= 2;
-    }
-}
-
-/// A reservation expires when its lease (last set by `reserve` or `renew`) runs out.
-struct LeaseExpiry;
-
-impl Expiry<String, InFlight> for LeaseExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        slot: &InFlight,
-        now: Instant,
-    ) -> Option<Duration> {
-        Some(slot.expires_at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &String,
-        slot: &InFlight,
-        now: Instant,
-        _current: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(slot.expires_at.saturating_duration_since(now))
-    }
 }
 
 /// A record expires after its TTL.
@@ -180,7 +114,7 @@ impl Evictions {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    reservations: Cache<String, InFlight>,
+    in_flight: Arc<InFlightMap>,
     records: Cache<String, Kept>,
     max_in_flight: u64,
     evictions: Arc<Evictions>,
@@ -189,7 +123,7 @@ pub struct MemoryStore {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("in_flight", &self.reservations.entry_count())
+            .field("in_flight", &self.in_flight.len())
             .field("records", &self.records.entry_count())
             .field("weighted_size", &self.records.weighted_size())
             .field("capacity_evictions", &self.capacity_evictions())
@@ -229,44 +163,24 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
-        let mut found = None;
-        let mut full = false;
-        let result = self
-            .reservations
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                if existing.is_some() {
-                    return Op::Nop;
-                }
-                found = self.record(key);
-                full = found.is_none() && self.reservations.entry_count() >= self.max_in_flight;
-                if found.is_some() || full {
-                    return Op::Nop;
-                }
-                Op::Put(InFlight::new(token, fingerprint, now, lease))
+        let mut locked = self.in_flight.lock(key);
+        if let Some(owner) = locked.get(key).filter(|owner| owner.is_live(now)) {
+            return Ok(Reservation::InFlight {
+                fingerprint: owner.fingerprint,
+                remaining_lease: owner.expires_at.saturating_duration_since(now),
             });
-        if let Some(record) = found {
+        }
+        if let Some(record) = self.record(key) {
             return Ok(Reservation::Completed(record));
         }
-        if full {
+        if self.in_flight.len() >= self.max_in_flight {
             return Err(StoreError::Full(format!(
                 "{} requests are in flight (max_in_flight)",
                 self.max_in_flight
             )));
         }
-        match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => Ok(Reservation::Acquired),
-            CompResult::Unchanged(entry) => {
-                let owner = entry.into_value();
-                Ok(Reservation::InFlight {
-                    fingerprint: owner.fingerprint,
-                    remaining_lease: owner.expires_at.saturating_duration_since(now),
-                })
-            }
-            CompResult::StillNone(_) | CompResult::Removed(_) => Err(StoreError::Corrupt(
-                "the reservation vanished while it was being made".to_owned(),
-            )),
-        }
+        locked.put(key, in_flight(token, fingerprint, now, lease), now);
+        Ok(Reservation::Acquired)
     }
 
     fn renew_now(
@@ -277,22 +191,24 @@ impl MemoryStore {
         lease: Duration,
     ) -> Renewal {
         let now = Instant::now();
-        let mut renewal = Renewal::Lost;
-        self.reservations
-            .entry(key.to_owned())
-            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(mut ours) if ours.token == token => {
-                    renewal = Renewal::Renewed;
-                    ours.expires_at = deadline(now, lease);
-                    Op::Put(ours)
-                }
-                None if !self.records.contains_key(key) => {
-                    renewal = Renewal::Restored;
-                    Op::Put(InFlight::new(token, fingerprint, now, lease))
-                }
-                _ => Op::Nop,
-            });
-        renewal
+        let mut locked = self.in_flight.lock(key);
+        match locked.get(key) {
+            Some(ours) if ours.token == token => {
+                let renewal = if ours.is_live(now) {
+                    Renewal::Renewed
+                } else {
+                    Renewal::Restored
+                };
+                locked.extend(key, deadline(now, lease));
+                renewal
+            }
+            Some(other) if other.is_live(now) => Renewal::Lost,
+            _ if self.records.contains_key(key) => Renewal::Lost,
+            _ => {
+                locked.put(key, in_flight(token, fingerprint, now, lease), now);
+                Renewal::Restored
+            }
+        }
     }
 
     fn complete_now(
@@ -302,74 +218,81 @@ impl MemoryStore {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Completion {
+        let now = Instant::now();
         let kept = Kept {
             record: Arc::new(record),
             ttl,
         };
-        let mut completion = Completion::LostReservation;
-        let mut waiters = None;
-        self.reservations
-            .entry(key.to_owned())
-            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(ours) if ours.token == token => {
-                    // The record goes in before the reservation goes out, both under the
-                    // reservation's lock: a concurrent reserve sees one or the other.
-                    self.records.insert(key.to_owned(), kept);
-                    completion = Completion::Stored;
-                    waiters = Some(ours.ended);
-                    Op::Remove
-                }
+        let mut locked = self.in_flight.lock(key);
+        match locked.get(key) {
+            Some(ours) if ours.token == token => {
+                let completion = if ours.is_live(now) {
+                    Completion::Stored
+                } else {
+                    Completion::StoredWithoutReservation
+                };
+                // The record goes in before the reservation goes out, both under the shard's
+                // lock: a concurrent reserve sees one or the other.
+                self.records.insert(key.to_owned(), kept);
+                locked.remove(key);
+                completion
+            }
+            Some(other) if other.is_live(now) => Completion::LostReservation,
+            _ => match self.record(key) {
+                // A repeated completion finds its own record.
+                Some(stored) if *stored == *kept.record => Completion::Stored,
+                Some(_) => Completion::LostReservation,
                 None => {
-                    match self.record(key) {
-                        None => {
-                            self.records.insert(key.to_owned(), kept);
-                            completion = Completion::StoredWithoutReservation;
-                        }
-                        // A repeated completion finds its own record.
-                        Some(stored) if *stored == *kept.record => completion = Completion::Stored,
-                        Some(_) => {}
-                    }
-                    Op::Nop
+                    self.records.insert(key.to_owned(), kept);
+                    locked.remove(key);
+                    Completion::StoredWithoutReservation
                 }
-                _ => Op::Nop,
-            });
-        if let Some(ended) = waiters {
-            ended.notify_waiters();
+            },
         }
-        completion
     }
 
     fn release_now(&self, key: &str, token: ReservationToken) {
-        let mut waiters = None;
-        self.reservations
-            .entry(key.to_owned())
-            .and_compute_with(|existing| match existing.map(|entry| entry.into_value()) {
-                Some(ours) if ours.token == token => {
-                    waiters = Some(ours.ended);
-                    Op::Remove
-                }
-                _ => Op::Nop,
-            });
-        if let Some(ended) = waiters {
-            ended.notify_waiters();
+        let mut locked = self.in_flight.lock(key);
+        if locked.get(key).is_some_and(|ours| ours.token == token) {
+            locked.remove(key);
         }
     }
 
     async fn wait_for_end(&self, key: &str, within: Duration) {
-        let Some(owner) = self.reservations.get(key) else {
-            return;
+        let ended = {
+            let locked = self.in_flight.lock(key);
+            match locked.get(key) {
+                Some(owner) => Arc::clone(&owner.ended),
+                None => return,
+            }
         };
-        // `notified` registers on creation; a reservation that ended between the lookup and
-        // here is caught by looking again, so its end is never waited for in vain.
-        let notified = owner.ended.notified();
-        if !self
-            .reservations
+        // Registered before the lock is taken again: an end after this point is not missed,
+        // and one before it is seen by looking again.
+        let notified = ended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let still_held = self
+            .in_flight
+            .lock(key)
             .get(key)
-            .is_some_and(|current| current.token == owner.token)
-        {
-            return;
+            .is_some_and(|owner| Arc::ptr_eq(&owner.ended, &ended));
+        if still_held {
+            let _ = tokio::time::timeout(within, notified).await;
         }
-        let _ = tokio::time::timeout(within, notified).await;
+    }
+}
+
+fn in_flight(
+    token: ReservationToken,
+    fingerprint: Fingerprint,
+    now: Instant,
+    lease: Duration,
+) -> InFlight {
+    InFlight {
+        token,
+        fingerprint,
+        expires_at: deadline(now, lease),
+        ended: Arc::new(Notify::new()),
     }
 }
 
@@ -438,8 +361,7 @@ impl MemoryStoreBuilder {
     }
 
     /// How many requests may be in flight (reserved, handler running) at once; past it, new
-    /// keyed requests get 503 without running. A safety valve, not an exact quota: the count is
-    /// moka's, brought up to date every few dozen writes, so a burst may pass it by that much.
+    /// keyed requests get 503 without running.
     ///
     /// Defaults to 100 000.
     pub fn max_in_flight(mut self, max_in_flight: u64) -> Self {
@@ -471,9 +393,8 @@ impl MemoryStoreBuilder {
             .expire_after(TtlExpiry)
             .eviction_listener(listener)
             .build();
-        let reservations = Cache::builder().expire_after(LeaseExpiry).build();
         MemoryStore {
-            reservations,
+            in_flight: Arc::new(InFlightMap::default()),
             records,
             max_in_flight: self.max_in_flight,
             evictions,
@@ -513,7 +434,6 @@ mod tests {
                 "{reserved:?}"
             );
         }
-        store.reservations.run_pending_tasks();
         let refused = store.reserve_now(
             "c",
             ReservationToken::generate(),

@@ -1,5 +1,6 @@
 //! Storage backends and the trait they implement.
 
+mod in_flight;
 mod interface;
 mod memory;
 mod record;

@@ -1,0 +1,144 @@
+//! The memory store's requests in flight: a map sharded under plain locks.
+//!
+//! Reservations live for the length of one request and are never evicted, so they need neither
+//! a cache's admission policy nor its write log and timer wheel: a hash map per shard, expired
+//! entries treated as absent and swept as the shard grows.
+
+use std::{
+    collections::{hash_map::RandomState, HashMap},
+    hash::BuildHasher,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+use super::ReservationToken;
+use crate::Fingerprint;
+
+const SHARDS: usize = 64;
+
+/// A key whose handler is running.
+#[derive(Debug, Clone)]
+pub(super) struct InFlight {
+    pub(super) token: ReservationToken,
+    pub(super) fingerprint: Fingerprint,
+    pub(super) expires_at: Instant,
+    /// Wakes the duplicates waiting for this reservation to end.
+    pub(super) ended: Arc<Notify>,
+}
+
+impl InFlight {
+    pub(super) fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashMap<String, InFlight>,
+    /// The size at which expired entries are swept next.
+    sweep_at: usize,
+}
+
+/// One shard, locked: what an operation on one key sees, atomically.
+pub(super) struct Locked<'a> {
+    shard: MutexGuard<'a, Shard>,
+    count: &'a AtomicU64,
+}
+
+impl Locked<'_> {
+    /// The key's reservation, live or expired.
+    pub(super) fn get(&self, key: &str) -> Option<&InFlight> {
+        self.shard.entries.get(key)
+    }
+
+    /// Puts a reservation on the key, in place of an expired one if any.
+    pub(super) fn put(&mut self, key: &str, entry: InFlight, now: Instant) {
+        match self.shard.entries.get_mut(key) {
+            Some(existing) => *existing = entry,
+            None => {
+                self.shard.entries.insert(key.to_owned(), entry);
+                self.count.fetch_add(1, Ordering::Relaxed);
+                self.sweep_if_grown(now);
+            }
+        }
+    }
+
+    /// Extends the key's reservation to `expires_at`.
+    pub(super) fn extend(&mut self, key: &str, expires_at: Instant) {
+        if let Some(existing) = self.shard.entries.get_mut(key) {
+            existing.expires_at = expires_at;
+        }
+    }
+
+    /// Removes the key's reservation and wakes whoever waits for it to end.
+    pub(super) fn remove(&mut self, key: &str) {
+        if let Some(removed) = self.shard.entries.remove(key) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            removed.ended.notify_waiters();
+        }
+    }
+
+    /// Drops expired reservations (their owners died or stopped renewing) once the shard has
+    /// doubled since the last sweep, so the cost stays constant per insertion.
+    fn sweep_if_grown(&mut self, now: Instant) {
+        if self.shard.entries.len() < self.shard.sweep_at {
+            return;
+        }
+        let before = self.shard.entries.len();
+        self.shard.entries.retain(|_, entry| entry.is_live(now));
+        let swept = before - self.shard.entries.len();
+        self.count.fetch_sub(swept as u64, Ordering::Relaxed);
+        self.shard.sweep_at = (self.shard.entries.len() * 2).max(64);
+    }
+}
+
+/// Requests in flight by key.
+#[derive(Debug)]
+pub(super) struct InFlightMap {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    count: AtomicU64,
+}
+
+impl Default for InFlightMap {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl InFlightMap {
+    /// Locks the shard of `key`: every operation on a key happens under this lock.
+    pub(super) fn lock(&self, key: &str) -> Locked<'_> {
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        Locked {
+            shard: self.shards[index].lock(),
+            count: &self.count,
+        }
+    }
+
+    /// How many reservations are held (expired ones not yet swept included).
+    pub(super) fn len(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// `now + lifetime`, cut to what the clock can hold.
+pub(super) fn deadline(now: Instant, lifetime: Duration) -> Instant {
+    let mut lifetime = lifetime.min(super::LONGEST_LIFETIME);
+    loop {
+        if let Some(deadline) = now.checked_add(lifetime) {
+            return deadline;
+        }
+        lifetime /= 2;
+    }
+}
