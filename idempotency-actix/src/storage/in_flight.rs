@@ -5,7 +5,7 @@
 //! entries treated as absent and swept as the shard grows.
 
 use std::{
-    collections::{hash_map::RandomState, HashMap},
+    collections::HashMap,
     hash::BuildHasher,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -38,9 +38,11 @@ impl InFlight {
     }
 }
 
+type FastHash = foldhash::fast::RandomState;
+
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<String, InFlight>,
+    entries: HashMap<String, InFlight, FastHash>,
     /// The size at which expired entries are swept next.
     sweep_at: usize,
 }
@@ -102,7 +104,7 @@ impl Locked<'_> {
 #[derive(Debug)]
 pub(super) struct InFlightMap {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: FastHash,
     count: AtomicU64,
 }
 
@@ -110,7 +112,7 @@ impl Default for InFlightMap {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: FastHash::default(),
             count: AtomicU64::new(0),
         }
     }

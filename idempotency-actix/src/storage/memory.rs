@@ -115,7 +115,7 @@ impl Evictions {
 #[derive(Clone)]
 pub struct MemoryStore {
     in_flight: Arc<InFlightMap>,
-    records: Cache<String, Kept>,
+    records: Cache<String, Kept, foldhash::fast::RandomState>,
     max_in_flight: u64,
     evictions: Arc<Evictions>,
 }
@@ -341,6 +341,14 @@ impl IdempotencyStore for MemoryStore {
     }
 }
 
+/// How many records a store of `max_bytes` holds when full of typical (small JSON) records,
+/// capped so that a huge bound does not allocate a huge table up front.
+fn expected_records(max_bytes: u64) -> usize {
+    const TYPICAL_RECORD: u64 = 1024;
+    const MOST_PREALLOCATED: u64 = 1 << 20;
+    usize::try_from((max_bytes / TYPICAL_RECORD).min(MOST_PREALLOCATED)).unwrap_or(0)
+}
+
 /// Configures a [`MemoryStore`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -392,7 +400,11 @@ impl MemoryStoreBuilder {
             })
             .expire_after(TtlExpiry)
             .eviction_listener(listener)
-            .build();
+            // Room for the records a full store holds, so that it does not rehash as it fills.
+            .initial_capacity(expected_records(self.max_bytes))
+            // Storage keys are digests or caller-chosen strings: a fast hasher, seeded per
+            // process against flooding, instead of SipHash.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         MemoryStore {
             in_flight: Arc::new(InFlightMap::default()),
             records,
