@@ -341,6 +341,19 @@ impl IdempotencyStore for MemoryStore {
     }
 }
 
+/// What one record holds in resident memory, measured (`cargo bench --bench record_memory`)
+/// rather than guessed, so that `max_bytes` bounds the process's memory: moka's own entry
+/// (about 310 bytes with its key handles, timer and order queues), the record's allocations, and
+/// the allocator's rounding of each.
+fn resident_size(key: &str, record: &CompletedRecord) -> usize {
+    const ENTRY: usize = 640;
+    const PER_HEADER: usize = 96;
+    let response = record.response.as_ref().map_or(0, |response| {
+        response.size_hint() + response.headers.len() * PER_HEADER
+    });
+    ENTRY + key.len() + response
+}
+
 /// How many records a store of `max_bytes` holds when full of typical (small JSON) records,
 /// capped so that a huge bound does not allocate a huge table up front.
 fn expected_records(max_bytes: u64) -> usize {
@@ -358,8 +371,9 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The approximate memory bound of completed records: stored bodies and headers plus a
-    /// fixed cost per key. Past it, the least recently used records are evicted before their
+    /// The memory bound of completed records, as resident memory: bodies, headers and keys plus
+    /// the measured cost of an entry (about 850 bytes in all for a record of a 200-byte JSON
+    /// response). Past it, the least recently used records are evicted before their
     /// TTL (see [`MemoryStore`]'s capacity section). Reservations do not count against it.
     ///
     /// Defaults to 256 MiB.
@@ -379,7 +393,6 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        const PER_KEY_COST: usize = 128;
         let evictions = Arc::new(Evictions::default());
         let listener = {
             let evictions = Arc::clone(&evictions);
@@ -395,8 +408,7 @@ impl MemoryStoreBuilder {
             // has been used less often than the ones it would evict.
             .eviction_policy(EvictionPolicy::lru())
             .weigher(|key: &String, kept: &Kept| {
-                let payload = kept.record.response.as_ref().map_or(0, |r| r.size_hint());
-                u32::try_from(key.len() + payload + PER_KEY_COST).unwrap_or(u32::MAX)
+                u32::try_from(resident_size(key, &kept.record)).unwrap_or(u32::MAX)
             })
             .expire_after(TtlExpiry)
             .eviction_listener(listener)
