@@ -72,38 +72,6 @@ fn fill(store: &MemoryStore, count: u64, from: u64) {
     }
 }
 
-/// What moka alone keeps per entry, for comparison: the same keys, a unit value, a per-entry
-/// expiry, as the memory store's cache is built.
-fn moka_alone(count: u64) -> f64 {
-    struct Forever;
-    impl moka::Expiry<String, ()> for Forever {
-        fn expire_after_create(
-            &self,
-            _: &String,
-            _: &(),
-            _: std::time::Instant,
-        ) -> Option<Duration> {
-            Some(TTL)
-        }
-    }
-    let before = resident();
-    let cache = moka::sync::Cache::builder()
-        .max_capacity(u64::MAX / 2)
-        .eviction_policy(moka::policy::EvictionPolicy::lru())
-        .expire_after(Forever)
-        .build();
-    for n in 0..count {
-        cache.insert(
-            format!("{:064x}", u128::from(n as u32) * 0x9e37_79b9_7f4a_7c15),
-            (),
-        );
-    }
-    cache.run_pending_tasks();
-    let grown = resident().saturating_sub(before);
-    drop(cache);
-    grown as f64 / count as f64
-}
-
 fn bounded() {
     const BOUND: u64 = 64 * 1024 * 1024;
     let before = resident();
@@ -144,12 +112,8 @@ fn main() {
     match std::env::var("RECORD_MEMORY_CASE").as_deref() {
         Ok("bounded") => bounded(),
         Ok("per-record") => per_record(),
-        Ok("moka") => println!(
-            "moka alone (64-byte key, no value): {:.0} bytes per entry",
-            moka_alone(RECORDS)
-        ),
         _ => {
-            for case in ["per-record", "moka", "bounded"] {
+            for case in ["per-record", "bounded"] {
                 let status = std::env::current_exe().and_then(|me| {
                     std::process::Command::new(me)
                         .env("RECORD_MEMORY_CASE", case)

@@ -64,7 +64,7 @@
 //!
 //! # Choosing a backend
 //!
-//! [`MemoryStore`] (the default, on moka) keeps records in the process: right for one
+//! [`MemoryStore`] (the default) keeps records in the process: right for one
 //! instance. With the `redis` feature, `RedisStore` shares one state between any number of
 //! instances (one Lua script per operation, two round trips for a fresh request, one for a
 //! replay). Any backend implementing [`IdempotencyStore`] can be plugged in; its

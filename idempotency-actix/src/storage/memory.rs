@@ -1,9 +1,9 @@
-//! The in-process store, on moka.
+//! The in-process store.
 //!
 //! Reservations and completed records live apart. Reservations are few (one per request in
 //! flight) and must never be dropped to make room: they sit in a sharded map and leave it only
 //! when completed, released, or when their lease runs out. Records are many and may be dropped,
-//! oldest use first, when the memory bound is reached: they sit in a moka cache. Every
+//! oldest use first, when the memory bound is reached: they sit in LRU lists. Every
 //! operation on a key runs under its shard's lock, which is what makes "no reservation and no
 //! record, so reserve" one atomic step across the two.
 
@@ -16,45 +16,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache, Expiry};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{
     in_flight::{deadline, InFlight, InFlightMap},
+    records::Records,
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
-    LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
 
 /// How often, at most, record evictions are logged.
 const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
-
-/// A completed key and how long it is kept.
-#[derive(Debug, Clone)]
-struct Kept {
-    record: Arc<CompletedRecord>,
-    ttl: Duration,
-}
-
-/// A record expires after its TTL.
-struct TtlExpiry;
-
-impl Expiry<String, Kept> for TtlExpiry {
-    fn expire_after_create(&self, _key: &String, kept: &Kept, _now: Instant) -> Option<Duration> {
-        Some(kept.ttl.min(LONGEST_LIFETIME))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &String,
-        kept: &Kept,
-        _now: Instant,
-        _current: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(kept.ttl.min(LONGEST_LIFETIME))
-    }
-}
 
 /// Counts records evicted before their TTL, and warns about them at a bounded rate.
 #[derive(Debug, Default)]
@@ -84,7 +57,7 @@ impl Evictions {
     }
 }
 
-/// The default store: bounded, in-process, on [moka](https://docs.rs/moka).
+/// The default store: bounded, in-process.
 ///
 /// Right for one process. Several instances behind a load balancer each keep their own records
 /// and would each run a retried request once: use a shared store (Redis) there.
@@ -115,7 +88,7 @@ impl Evictions {
 #[derive(Clone)]
 pub struct MemoryStore {
     in_flight: Arc<InFlightMap>,
-    records: Cache<String, Kept, foldhash::fast::RandomState>,
+    records: Arc<Records>,
     max_in_flight: u64,
     evictions: Arc<Evictions>,
 }
@@ -124,8 +97,8 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("in_flight", &self.in_flight.len())
-            .field("records", &self.records.entry_count())
-            .field("weighted_size", &self.records.weighted_size())
+            .field("records", &self.records.len())
+            .field("weighted_size", &self.records.weight())
             .field("capacity_evictions", &self.capacity_evictions())
             .finish()
     }
@@ -152,7 +125,7 @@ impl MemoryStore {
     }
 
     fn record(&self, key: &str) -> Option<Arc<CompletedRecord>> {
-        self.records.get(key).map(|kept| kept.record)
+        self.records.get(key)
     }
 
     fn reserve_now(
@@ -203,7 +176,7 @@ impl MemoryStore {
                 renewal
             }
             Some(other) if other.is_live(now) => Renewal::Lost,
-            _ if self.records.contains_key(key) => Renewal::Lost,
+            _ if self.records.contains(key) => Renewal::Lost,
             _ => {
                 locked.put(key, in_flight(token, fingerprint, now, lease), now);
                 Renewal::Restored
@@ -219,10 +192,8 @@ impl MemoryStore {
         ttl: Duration,
     ) -> Completion {
         let now = Instant::now();
-        let kept = Kept {
-            record: Arc::new(record),
-            ttl,
-        };
+        let weight = resident_size(key, &record);
+        let record = Arc::new(record);
         let mut locked = self.in_flight.lock(key);
         match locked.get(key) {
             Some(ours) if ours.token == token => {
@@ -233,17 +204,17 @@ impl MemoryStore {
                 };
                 // The record goes in before the reservation goes out, both under the shard's
                 // lock: a concurrent reserve sees one or the other.
-                self.records.insert(key.to_owned(), kept);
+                self.records.insert(key, record, ttl, weight);
                 locked.remove(key);
                 completion
             }
             Some(other) if other.is_live(now) => Completion::LostReservation,
             _ => match self.record(key) {
                 // A repeated completion finds its own record.
-                Some(stored) if *stored == *kept.record => Completion::Stored,
+                Some(stored) if *stored == *record => Completion::Stored,
                 Some(_) => Completion::LostReservation,
                 None => {
-                    self.records.insert(key.to_owned(), kept);
+                    self.records.insert(key, record, ttl, weight);
                     locked.remove(key);
                     Completion::StoredWithoutReservation
                 }
@@ -342,24 +313,15 @@ impl IdempotencyStore for MemoryStore {
 }
 
 /// What one record holds in resident memory, measured (`cargo bench --bench record_memory`)
-/// rather than guessed, so that `max_bytes` bounds the process's memory: moka's own entry
-/// (about 310 bytes with its key handles, timer and order queues), the record's allocations, and
-/// the allocator's rounding of each.
-fn resident_size(key: &str, record: &CompletedRecord) -> usize {
-    const ENTRY: usize = 640;
+/// rather than guessed, so that `max_bytes` bounds the process's memory: the LRU entry and its
+/// table slot, the record's allocations, and the allocator's rounding of each.
+fn resident_size(key: &str, record: &CompletedRecord) -> u64 {
+    const ENTRY: usize = 230;
     const PER_HEADER: usize = 96;
     let response = record.response.as_ref().map_or(0, |response| {
         response.size_hint() + response.headers.len() * PER_HEADER
     });
-    ENTRY + key.len() + response
-}
-
-/// How many records a store of `max_bytes` holds when full of typical (small JSON) records,
-/// capped so that a huge bound does not allocate a huge table up front.
-fn expected_records(max_bytes: u64) -> usize {
-    const TYPICAL_RECORD: u64 = 1024;
-    const MOST_PREALLOCATED: u64 = 1 << 20;
-    usize::try_from((max_bytes / TYPICAL_RECORD).min(MOST_PREALLOCATED)).unwrap_or(0)
+    u64::try_from(ENTRY + key.len() + response).unwrap_or(u64::MAX)
 }
 
 /// Configures a [`MemoryStore`].
@@ -372,7 +334,7 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The memory bound of completed records, as resident memory: bodies, headers and keys plus
-    /// the measured cost of an entry (about 850 bytes in all for a record of a 200-byte JSON
+    /// the measured cost of an entry (about 620 bytes in all for a record of a 200-byte JSON
     /// response). Past it, the least recently used records are evicted before their
     /// TTL (see [`MemoryStore`]'s capacity section). Reservations do not count against it.
     ///
@@ -394,32 +356,13 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         let evictions = Arc::new(Evictions::default());
-        let listener = {
+        let on_evict = {
             let evictions = Arc::clone(&evictions);
-            move |_key: Arc<String>, _kept: Kept, cause: RemovalCause| {
-                if cause == RemovalCause::Size {
-                    evictions.record();
-                }
-            }
+            Box::new(move || evictions.record())
         };
-        let records = Cache::builder()
-            .max_capacity(self.max_bytes)
-            // Plain LRU: moka's default admission filter would refuse a fresh record that
-            // has been used less often than the ones it would evict.
-            .eviction_policy(EvictionPolicy::lru())
-            .weigher(|key: &String, kept: &Kept| {
-                u32::try_from(resident_size(key, &kept.record)).unwrap_or(u32::MAX)
-            })
-            .expire_after(TtlExpiry)
-            .eviction_listener(listener)
-            // Room for the records a full store holds, so that it does not rehash as it fills.
-            .initial_capacity(expected_records(self.max_bytes))
-            // Storage keys are digests or caller-chosen strings: a fast hasher, seeded per
-            // process against flooding, instead of SipHash.
-            .build_with_hasher(foldhash::fast::RandomState::default());
         MemoryStore {
             in_flight: Arc::new(InFlightMap::default()),
-            records,
+            records: Arc::new(Records::new(self.max_bytes, on_evict)),
             max_in_flight: self.max_in_flight,
             evictions,
         }

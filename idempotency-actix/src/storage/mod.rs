@@ -4,6 +4,7 @@ mod in_flight;
 mod interface;
 mod memory;
 mod record;
+mod records;
 #[cfg(feature = "redis")]
 mod redis;
 
