@@ -22,8 +22,15 @@ fi
 echo "== building the server (release)"
 cargo build --release --locked --quiet --bin bench_server
 
+# The server on one core and wrk on the other, so that neither steals the other's time slices
+# (the ratios are only steady that way on a 2-core machine).
+pin_server=""; pin_client=""
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+  pin_server="taskset -c 0"; pin_client="taskset -c 1"
+fi
+
 work=$(mktemp -d)
-BENCH_REDIS_URL="$REDIS_URL" target/release/bench_server >"$work/servers" 2>"$work/server.log" &
+BENCH_REDIS_URL="$REDIS_URL" $pin_server target/release/bench_server >"$work/servers" 2>"$work/server.log" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do grep -q '^ready' "$work/servers" 2>/dev/null && break; sleep 0.1; done
@@ -65,7 +72,7 @@ echo "== $ROUNDS interleaved rounds of $DURATION, $CONNECTIONS connections, 1 wr
 for round in $(seq 1 "$ROUNDS"); do
   for case in "${cases[@]}"; do
     read -r name base path script <<<"$case"
-    wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$here/$script.lua" "$base$path" \
+    $pin_client wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$here/$script.lua" "$base$path" \
       | summarise >>"$work/$name"
   done
   echo "   round $round done"

@@ -73,7 +73,8 @@ impl Evictions {
 /// keyed requests get 503 and do not run.
 ///
 /// Completed records share [`max_bytes`](MemoryStoreBuilder::max_bytes). When it is reached,
-/// the least recently used records (written or replayed longest ago) are evicted before their
+/// the least recently used records (written or replayed longest ago; above 4 MiB the bound is
+/// split between up to 16 shards, each evicting its own least recently used) are evicted before their
 /// TTL. That is the capacity trade-off: a retry whose record was evicted runs its handler
 /// again. Evictions are counted ([`capacity_evictions`](Self::capacity_evictions)) and logged
 /// as a warning at most once a minute.
