@@ -2,6 +2,7 @@
 //! and a handler-run counter. Not published.
 
 pub mod orders;
+pub mod work;
 
 use std::{
     fmt,

@@ -25,19 +25,11 @@ use idempotency_actix::{
     Fingerprint, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
     MemoryStore, StoreError,
 };
-use idempotency_actix_workspace::{post_keyed, Received, Runs, TestServer};
-
-/// How long `/work` takes.
-#[derive(Debug, Clone, Copy)]
-struct Delay(Duration);
-
-#[idempotent]
-#[post("/work")]
-async fn work(runs: web::Data<Runs>, delay: web::Data<Delay>, body: web::Bytes) -> HttpResponse {
-    let run = runs.record();
-    actix_web::rt::time::sleep(delay.0).await;
-    HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
-}
+use idempotency_actix_workspace::{
+    post_keyed,
+    work::{fresh_client, work, work_server, Delay},
+    Received, Runs, TestServer,
+};
 
 /// A quick handler whose records fill the store.
 #[idempotent]
@@ -47,34 +39,19 @@ async fn fill(body: web::Bytes) -> HttpResponse {
 }
 
 fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, delay: Duration) -> TestServer {
-    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
-    let runs = runs.clone();
-    TestServer::start(2, move || {
-        App::new()
-            .wrap(middleware.clone())
-            .app_data(web::Data::new(runs.clone()))
-            .app_data(web::Data::new(Delay(delay)))
-            .service(work)
-            .service(fill)
+    work_server(builder, runs, delay, |config| {
+        config.service(fill);
     })
-    .unwrap_or_else(|e| panic!("server: {e}"))
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// Sends `key` now and a duplicate `after` later, each on its own connection.
 async fn request_and_duplicate(url: String, key: String, after: Duration) -> (Received, Received) {
     let first = {
         let (url, key) = (url.clone(), key.clone());
-        tokio::spawn(async move { post_keyed(&client(), &url, &key, "order").await })
+        tokio::spawn(async move { post_keyed(&fresh_client(), &url, &key, "order").await })
     };
     tokio::time::sleep(after).await;
-    let duplicate = post_keyed(&client(), &url, &key, "order").await;
+    let duplicate = post_keyed(&fresh_client(), &url, &key, "order").await;
     let first = first.await.unwrap_or_else(|e| panic!("{e}"));
     (first, duplicate)
 }
@@ -97,8 +74,20 @@ async fn a_full_memory_store_never_lets_an_in_flight_duplicate_run() {
     let kilobyte = "x".repeat(1024);
     for n in 0..200 {
         let key = format!("fill-{n}");
-        let first = post_keyed(&client(), &server.url("/fill"), &key, kilobyte.clone()).await;
-        let again = post_keyed(&client(), &server.url("/fill"), &key, kilobyte.clone()).await;
+        let first = post_keyed(
+            &fresh_client(),
+            &server.url("/fill"),
+            &key,
+            kilobyte.clone(),
+        )
+        .await;
+        let again = post_keyed(
+            &fresh_client(),
+            &server.url("/fill"),
+            &key,
+            kilobyte.clone(),
+        )
+        .await;
         assert!(
             is_first_run(&first) && again.is_replay(),
             "{first:?} {again:?}"
@@ -130,7 +119,7 @@ async fn a_full_memory_store_never_lets_an_in_flight_duplicate_run() {
     }
     for n in 0..5 {
         let retry = post_keyed(
-            &client(),
+            &fresh_client(),
             &server.url("/work"),
             &format!("slow-{n}"),
             "order",
@@ -159,7 +148,7 @@ async fn a_handler_slower_than_its_lease_runs_once() {
     assert!(is_first_run(&first), "{first:?}");
     assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
 
-    let retry = post_keyed(&client(), &server.url("/work"), "slow", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
     assert!(retry.is_replay(), "{retry:?}");
     assert_eq!(retry.body, first.body);
     assert_eq!(runs.count(), 1);
@@ -304,10 +293,10 @@ async fn a_failed_completion_is_retried_and_the_retry_is_replayed() {
         Duration::from_millis(50),
     );
 
-    let first = post_keyed(&client(), &server.url("/work"), "blip", "order").await;
+    let first = post_keyed(&fresh_client(), &server.url("/work"), "blip", "order").await;
     assert!(is_first_run(&first), "{first:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let retry = post_keyed(&client(), &server.url("/work"), "blip", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "blip", "order").await;
     assert!(retry.is_replay(), "{retry:?}");
     assert_eq!(retry.body, first.body);
     assert_eq!(runs.count(), 1);
@@ -329,14 +318,14 @@ async fn a_reservation_whose_answer_was_lost_is_released() {
         Duration::from_millis(50),
     );
 
-    let refused = post_keyed(&client(), &server.url("/work"), "lost", "order").await;
+    let refused = post_keyed(&fresh_client(), &server.url("/work"), "lost", "order").await;
     assert_eq!(
         refused.status,
         StatusCode::SERVICE_UNAVAILABLE,
         "{refused:?}"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let retry = post_keyed(&client(), &server.url("/work"), "lost", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "lost", "order").await;
     assert!(
         is_first_run(&retry),
         "the key must be free again: {retry:?}"
@@ -378,14 +367,14 @@ async fn a_request_dropped_while_reserving_still_settles_its_key() {
         .unwrap_or_else(|e| panic!("server: {e}"))
     };
 
-    let gave_up = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
+    let gave_up = post_keyed(&fresh_client(), &server.url("/work"), "abandoned", "order").await;
     assert_eq!(gave_up.status, StatusCode::GATEWAY_TIMEOUT, "{gave_up:?}");
     faults
         .reservation_answer_delay_ms
         .store(0, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1800)).await;
 
-    let retry = post_keyed(&client(), &server.url("/work"), "abandoned", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "abandoned", "order").await;
     assert!(
         retry.is_replay(),
         "the dropped request completed: {retry:?}"

@@ -8,28 +8,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix_web::{http::StatusCode, post, web, App, HttpResponse};
+use actix_web::{http::StatusCode, web, App};
 use futures_util::future::join_all;
 use idempotency_actix::{
-    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, RedisStore, StoreOutage,
+    IdempotencyMiddleware, IdempotencyMiddlewareBuilder, RedisStore, StoreOutage,
 };
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
-    post_keyed, redis_url_or_skip, unique_prefix, PrivateRedis, Received, Runs, TestServer,
+    post_keyed, redis_url_or_skip, unique_prefix,
+    work::{fresh_client, work_server},
+    PrivateRedis, Received, Runs, TestServer,
 };
 use tokio::sync::Barrier;
-
-/// How long `/work` takes.
-#[derive(Debug, Clone, Copy)]
-struct Delay(Duration);
-
-#[idempotent]
-#[post("/work")]
-async fn work(runs: web::Data<Runs>, delay: web::Data<Delay>, body: web::Bytes) -> HttpResponse {
-    let run = runs.record();
-    actix_web::rt::time::sleep(delay.0).await;
-    HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
-}
 
 fn store(url: &str, prefix: &str) -> RedisStore {
     RedisStore::builder(url)
@@ -41,24 +31,7 @@ fn store(url: &str, prefix: &str) -> RedisStore {
 }
 
 fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, delay: Duration) -> TestServer {
-    let middleware = builder.build().unwrap_or_else(|e| panic!("config: {e}"));
-    let runs = runs.clone();
-    TestServer::start(2, move || {
-        App::new()
-            .wrap(middleware.clone())
-            .app_data(web::Data::new(runs.clone()))
-            .app_data(web::Data::new(Delay(delay)))
-            .service(work)
-    })
-    .unwrap_or_else(|e| panic!("server: {e}"))
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_else(|e| panic!("client: {e}"))
+    work_server(builder, runs, delay, |_| {})
 }
 
 async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
@@ -102,15 +75,15 @@ async fn a_handler_slower_than_its_lease_runs_once_on_redis() {
 
     let first = tokio::spawn({
         let url = server.url("/work");
-        async move { post_keyed(&client(), &url, "slow", "order").await }
+        async move { post_keyed(&fresh_client(), &url, "slow", "order").await }
     });
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let duplicate = post_keyed(&client(), &server.url("/work"), "slow", "order").await;
+    let duplicate = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
     let first = first.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
 
-    let retry = post_keyed(&client(), &server.url("/work"), "slow", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
     assert!(retry.is_replay(), "{retry:?}");
     assert_eq!(retry.body, first.body);
     assert_eq!(runs.count(), 1);
@@ -136,7 +109,7 @@ async fn unreadable_records_are_answered_409_and_never_run_again() {
         &runs,
         Duration::ZERO,
     );
-    let first = post_keyed(&client(), &closed.url("/work"), "k", "order").await;
+    let first = post_keyed(&fresh_client(), &closed.url("/work"), "k", "order").await;
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
 
     let mut connection = redis(&url).await;
@@ -163,7 +136,7 @@ async fn unreadable_records_are_answered_409_and_never_run_again() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         for server in [&closed, &open] {
-            let answer = post_keyed(&client(), &server.url("/work"), "k", "order").await;
+            let answer = post_keyed(&fresh_client(), &server.url("/work"), "k", "order").await;
             assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
             assert_eq!(slug(&answer).as_deref(), Some("record-unreadable"));
         }
@@ -187,7 +160,7 @@ async fn a_full_redis_refuses_with_503_even_when_failing_open() {
     let builder = IdempotencyMiddleware::builder(store(&private.url(), "full:"))
         .store_outage(StoreOutage::FailOpen);
     let server = server(builder, &runs, Duration::ZERO);
-    let first = post_keyed(&client(), &server.url("/work"), "before", "order").await;
+    let first = post_keyed(&fresh_client(), &server.url("/work"), "before", "order").await;
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
 
     // Any memory in use is now over the bound: Redis refuses every write with OOM.
@@ -201,14 +174,14 @@ async fn a_full_redis_refuses_with_503_even_when_failing_open() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let refused = post_keyed(&client(), &server.url("/work"), "after", "order").await;
+    let refused = post_keyed(&fresh_client(), &server.url("/work"), "after", "order").await;
     assert_eq!(
         refused.status,
         StatusCode::SERVICE_UNAVAILABLE,
         "{refused:?}"
     );
     assert_eq!(slug(&refused).as_deref(), Some("store-unavailable"));
-    let replay = post_keyed(&client(), &server.url("/work"), "before", "order").await;
+    let replay = post_keyed(&fresh_client(), &server.url("/work"), "before", "order").await;
     assert!(replay.is_replay(), "a full Redis still replays: {replay:?}");
     assert_eq!(runs.count(), 1, "the refused request must not run");
 }
@@ -234,7 +207,7 @@ async fn a_redis_restart_loses_no_request_in_flight() {
             let start = Arc::clone(&start);
             tokio::spawn(async move {
                 start.wait().await;
-                post_keyed(&client(), &url, &format!("k{n}"), "order").await
+                post_keyed(&fresh_client(), &url, &format!("k{n}"), "order").await
             })
         })
         .collect();
@@ -248,7 +221,7 @@ async fn a_redis_restart_loses_no_request_in_flight() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let duplicates = (0..REQUESTS).map(|n| {
         let url = server.url("/work");
-        async move { post_keyed(&client(), &url, &format!("k{n}"), "order").await }
+        async move { post_keyed(&fresh_client(), &url, &format!("k{n}"), "order").await }
     });
     for duplicate in join_all(duplicates).await {
         assert!(
@@ -263,7 +236,13 @@ async fn a_redis_restart_loses_no_request_in_flight() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for n in 0..REQUESTS {
-        let retry = post_keyed(&client(), &server.url("/work"), &format!("k{n}"), "order").await;
+        let retry = post_keyed(
+            &fresh_client(),
+            &server.url("/work"),
+            &format!("k{n}"),
+            "order",
+        )
+        .await;
         assert!(retry.is_replay(), "k{n}: {retry:?}");
     }
     assert_eq!(runs.count(), REQUESTS, "no request ran twice");
@@ -290,12 +269,12 @@ async fn the_example_recovers_from_a_redis_restart_within_seconds() {
     })
     .unwrap_or_else(|e| panic!("server: {e}"));
     let order = r#"{"item":"book"}"#;
-    let first = post_keyed(&client(), &server.url("/orders"), "before", order).await;
+    let first = post_keyed(&fresh_client(), &server.url("/orders"), "before", order).await;
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
 
     private.stop();
     // Requests while Redis is down make the connection try to reconnect, and back off.
-    let patient = client();
+    let patient = fresh_client();
     let down = Instant::now();
     while down.elapsed() < Duration::from_millis(1500) {
         let _ = patient.get(server.url("/orders/count")).send().await;
@@ -321,7 +300,7 @@ async fn the_example_recovers_from_a_redis_restart_within_seconds() {
     // The idempotency store remakes its own connection on first use after the restart, so
     // the client may get a 503 (with Retry-After) before its order goes through.
     loop {
-        let after = post_keyed(&client(), &server.url("/orders"), "after", order).await;
+        let after = post_keyed(&fresh_client(), &server.url("/orders"), "after", order).await;
         if after.status == StatusCode::CREATED {
             break;
         }
@@ -392,21 +371,21 @@ async fn a_killed_instance_frees_its_key_after_one_lease() {
 
     let lost = tokio::spawn({
         let url = doomed.url();
-        async move { post_keyed(&client(), &url, "k", "order").await }
+        async move { post_keyed(&fresh_client(), &url, "k", "order").await }
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
     doomed.kill();
     let killed = Instant::now();
     let _ = lost.await;
 
-    let during = post_keyed(&client(), &survivor.url(), "k", "order").await;
+    let during = post_keyed(&fresh_client(), &survivor.url(), "k", "order").await;
     assert_eq!(
         during.status,
         StatusCode::CONFLICT,
         "the lease still runs: {during:?}"
     );
     let retried = loop {
-        let retry = post_keyed(&client(), &survivor.url(), "k", "order").await;
+        let retry = post_keyed(&fresh_client(), &survivor.url(), "k", "order").await;
         if retry.status == StatusCode::CREATED {
             break retry;
         }
@@ -421,7 +400,7 @@ async fn a_killed_instance_frees_its_key_after_one_lease() {
         retried.body, "run 2",
         "the dead instance's run, then this one"
     );
-    let replay = post_keyed(&client(), &survivor.url(), "k", "order").await;
+    let replay = post_keyed(&fresh_client(), &survivor.url(), "k", "order").await;
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.body, "run 2");
 }
@@ -443,14 +422,14 @@ async fn durations_past_the_clock_work_on_redis() {
 
     let first = tokio::spawn({
         let url = server.url("/work");
-        async move { post_keyed(&client(), &url, "k", "order").await }
+        async move { post_keyed(&fresh_client(), &url, "k", "order").await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let duplicate = post_keyed(&client(), &server.url("/work"), "k", "order").await;
+    let duplicate = post_keyed(&fresh_client(), &server.url("/work"), "k", "order").await;
     let first = first.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     assert!(duplicate.is_replay(), "{duplicate:?}");
-    let retry = post_keyed(&client(), &server.url("/work"), "k", "order").await;
+    let retry = post_keyed(&fresh_client(), &server.url("/work"), "k", "order").await;
     assert!(retry.is_replay(), "{retry:?}");
     assert_eq!(runs.count(), 1);
 }
