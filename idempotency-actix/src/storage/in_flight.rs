@@ -62,7 +62,11 @@ impl Locked<'_> {
     /// Puts a reservation on the key, in place of an expired one if any.
     pub(super) fn put(&mut self, key: &str, entry: InFlight, now: Instant) {
         match self.shard.entries.get_mut(key) {
-            Some(existing) => *existing = entry,
+            Some(existing) => {
+                // Whoever waited on the expired reservation looks again now.
+                existing.ended.notify_waiters();
+                *existing = entry;
+            }
             None => {
                 self.shard.entries.insert(key.to_owned(), entry);
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -92,12 +96,23 @@ impl Locked<'_> {
         if self.shard.entries.len() < self.shard.sweep_at {
             return;
         }
-        let before = self.shard.entries.len();
-        self.shard.entries.retain(|_, entry| entry.is_live(now));
-        let swept = before - self.shard.entries.len();
-        self.count.fetch_sub(swept as u64, Ordering::Relaxed);
-        self.shard.sweep_at = (self.shard.entries.len() * 2).max(64);
+        sweep(&mut self.shard, self.count, now);
     }
+}
+
+/// Drops the shard's expired reservations, waking whoever waited on them.
+fn sweep(shard: &mut Shard, count: &AtomicU64, now: Instant) {
+    let before = shard.entries.len();
+    shard.entries.retain(|_, entry| {
+        let live = entry.is_live(now);
+        if !live {
+            entry.ended.notify_waiters();
+        }
+        live
+    });
+    let swept = before - shard.entries.len();
+    count.fetch_sub(swept as u64, Ordering::Relaxed);
+    shard.sweep_at = (shard.entries.len() * 2).max(64);
 }
 
 /// Requests in flight by key.
@@ -131,6 +146,14 @@ impl InFlightMap {
     /// How many reservations are held (expired ones not yet swept included).
     pub(super) fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Drops every shard's expired reservations, one shard at a time (never while holding
+    /// another shard's lock).
+    pub(super) fn sweep_expired(&self, now: Instant) {
+        for shard in self.shards.iter() {
+            sweep(&mut shard.lock(), &self.count, now);
+        }
     }
 }
 

@@ -38,13 +38,16 @@ struct Evictions {
 }
 
 impl Evictions {
-    fn record(&self) {
-        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+    fn record(&self, evicted: u64) {
+        if evicted == 0 {
+            return;
+        }
+        let total = self.total.fetch_add(evicted, Ordering::Relaxed) + evicted;
         let now = Instant::now();
         let mut last = self.last_warning.lock();
         let since = match *last {
             Some((at, _)) if now.duration_since(at) < EVICTION_WARNING_INTERVAL => return,
-            Some((_, counted)) => total - counted,
+            Some((_, counted)) => total.saturating_sub(counted),
             None => total,
         };
         *last = Some((now, total));
@@ -73,8 +76,9 @@ impl Evictions {
 /// keyed requests get 503 and do not run.
 ///
 /// Completed records share [`max_bytes`](MemoryStoreBuilder::max_bytes). When it is reached,
-/// the least recently used records (written or replayed longest ago; above 4 MiB the bound is
-/// split between up to 16 shards, each evicting its own least recently used) are evicted before their
+/// the least recently used records (written or replayed longest ago; from 8 MiB on, the bound
+/// is split between up to 16 shards, each evicting its own least recently used) are evicted
+/// before their
 /// TTL. That is the capacity trade-off: a retry whose record was evicted runs its handler
 /// again. Evictions are counted ([`capacity_evictions`](Self::capacity_evictions)) and logged
 /// as a warning at most once a minute.
@@ -137,6 +141,10 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
+        if self.in_flight.len() >= self.max_in_flight {
+            // Expired reservations still count until swept: sweep before refusing anyone.
+            self.in_flight.sweep_expired(now);
+        }
         let mut locked = self.in_flight.lock(key);
         if let Some(owner) = locked.get(key).filter(|owner| owner.is_live(now)) {
             return Ok(Reservation::InFlight {
@@ -147,7 +155,8 @@ impl MemoryStore {
         if let Some(record) = self.record(key) {
             return Ok(Reservation::Completed(record));
         }
-        if self.in_flight.len() >= self.max_in_flight {
+        // Replacing this key's own expired reservation adds nothing.
+        if locked.get(key).is_none() && self.in_flight.len() >= self.max_in_flight {
             return Err(StoreError::Full(format!(
                 "{} requests are in flight (max_in_flight)",
                 self.max_in_flight
@@ -196,7 +205,8 @@ impl MemoryStore {
         let weight = resident_size(key, &record);
         let record = Arc::new(record);
         let mut locked = self.in_flight.lock(key);
-        match locked.get(key) {
+        let mut evicted = 0;
+        let completion = match locked.get(key) {
             Some(ours) if ours.token == token => {
                 let completion = if ours.is_live(now) {
                     Completion::Stored
@@ -205,7 +215,7 @@ impl MemoryStore {
                 };
                 // The record goes in before the reservation goes out, both under the shard's
                 // lock: a concurrent reserve sees one or the other.
-                self.records.insert(key, record, ttl, weight);
+                evicted = self.records.insert(key, record, ttl, weight);
                 locked.remove(key);
                 completion
             }
@@ -215,12 +225,16 @@ impl MemoryStore {
                 Some(stored) if *stored == *record => Completion::Stored,
                 Some(_) => Completion::LostReservation,
                 None => {
-                    self.records.insert(key, record, ttl, weight);
+                    evicted = self.records.insert(key, record, ttl, weight);
                     locked.remove(key);
                     Completion::StoredWithoutReservation
                 }
             },
-        }
+        };
+        drop(locked);
+        // Counted (and perhaps logged) after the locks are released.
+        self.evictions.record(evicted);
+        completion
     }
 
     fn release_now(&self, key: &str, token: ReservationToken) {
@@ -356,16 +370,11 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let evictions = Arc::new(Evictions::default());
-        let on_evict = {
-            let evictions = Arc::clone(&evictions);
-            Box::new(move || evictions.record())
-        };
         MemoryStore {
             in_flight: Arc::new(InFlightMap::default()),
-            records: Arc::new(Records::new(self.max_bytes, on_evict)),
+            records: Arc::new(Records::new(self.max_bytes)),
             max_in_flight: self.max_in_flight,
-            evictions,
+            evictions: Arc::new(Evictions::default()),
         }
     }
 }
@@ -384,6 +393,34 @@ mod tests {
     #[actix_rt::test]
     async fn a_small_memory_store_keeps_the_store_contract() {
         conformance::run_all(|| MemoryStore::builder().max_bytes(16 * 1024).build()).await;
+    }
+
+    #[actix_rt::test]
+    async fn expired_reservations_do_not_hold_places_in_flight() {
+        let store = MemoryStore::builder().max_in_flight(2).build();
+        for key in ["a", "b"] {
+            let reserved = store.reserve_now(
+                key,
+                ReservationToken::generate(),
+                Fingerprint([1; 32]),
+                Duration::from_millis(50),
+            );
+            assert!(
+                matches!(reserved, Ok(Reservation::Acquired)),
+                "{reserved:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reserved = store.reserve_now(
+            "c",
+            ReservationToken::generate(),
+            Fingerprint([1; 32]),
+            Duration::from_secs(30),
+        );
+        assert!(
+            matches!(reserved, Ok(Reservation::Acquired)),
+            "{reserved:?}"
+        );
     }
 
     #[actix_rt::test]

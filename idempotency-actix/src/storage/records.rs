@@ -18,7 +18,8 @@ use super::{in_flight::deadline, CompletedRecord};
 
 type FastHash = foldhash::fast::RandomState;
 
-/// Below this bound a store keeps one list (exact LRU); above it, one shard per this much.
+/// A store keeps one list (exact LRU) below twice this bound; above it, one shard per this
+/// much, up to `MOST_SHARDS`.
 const SHARD_BUDGET: u64 = 4 * 1024 * 1024;
 const MOST_SHARDS: u64 = 16;
 
@@ -35,15 +36,11 @@ struct Shard {
     weight: u64,
 }
 
-/// What a record's eviction tells the store: it was evicted while still live.
-pub(super) type OnEvict = Box<dyn Fn() + Send + Sync>;
-
 /// Completed records by key.
 pub(super) struct Records {
     shards: Box<[Mutex<Shard>]>,
     budget: u64,
     hasher: FastHash,
-    on_evict: OnEvict,
 }
 
 impl std::fmt::Debug for Records {
@@ -56,9 +53,8 @@ impl std::fmt::Debug for Records {
 }
 
 impl Records {
-    /// Records of at most `max_bytes` in all; `on_evict` hears of each live record evicted to
-    /// make room.
-    pub(super) fn new(max_bytes: u64, on_evict: OnEvict) -> Self {
+    /// Records of at most `max_bytes` in all.
+    pub(super) fn new(max_bytes: u64) -> Self {
         let shards = (max_bytes / SHARD_BUDGET).clamp(1, MOST_SHARDS);
         let hasher = FastHash::default();
         Self {
@@ -72,7 +68,6 @@ impl Records {
                 .collect(),
             budget: max_bytes / shards,
             hasher,
-            on_evict,
         }
     }
 
@@ -107,14 +102,16 @@ impl Records {
             .is_some_and(|kept| kept.expires_at > now)
     }
 
-    /// Stores `record` for `ttl`, evicting the least recently used records past the bound.
+    /// Stores `record` for `ttl`, evicting the least recently used records past the bound, and
+    /// says how many live records it evicted. A record heavier than a whole shard's budget
+    /// evicts everything else in its shard: the newest record always stays.
     pub(super) fn insert(
         &self,
         key: &str,
         record: Arc<CompletedRecord>,
         ttl: Duration,
         weight: u64,
-    ) {
+    ) -> u64 {
         let now = Instant::now();
         let kept = Kept {
             record,
@@ -126,16 +123,17 @@ impl Records {
             shard.weight -= replaced.weight;
         }
         shard.weight += weight;
-        // The newest record always stays, however small the bound.
+        let mut evicted_live = 0;
         while shard.weight > self.budget && shard.list.len() > 1 {
             let Some((_, evicted)) = shard.list.pop_lru() else {
                 break;
             };
             shard.weight -= evicted.weight;
             if evicted.expires_at > now {
-                (self.on_evict)();
+                evicted_live += 1;
             }
         }
+        evicted_live
     }
 
     /// How many records are held (expired ones not yet dropped included).
