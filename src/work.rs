@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
-use actix_web::{post, web, App, HttpResponse};
-use idempotency_actix::{idempotent, IdempotencyMiddlewareBuilder};
+use actix_web::{http::StatusCode, post, web, App, HttpResponse};
+use idempotency_actix::{
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
+};
 
-use crate::{Runs, TestServer};
+use crate::{post_keyed, Received, Runs, TestServer};
 
 /// How long `/work` takes.
 #[derive(Debug, Clone, Copy)]
@@ -53,4 +55,66 @@ pub fn fresh_client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+/// Sends `key` to `url` now and a duplicate `after` later, each on its own connection.
+pub async fn request_and_duplicate(
+    url: String,
+    key: String,
+    after: Duration,
+) -> (Received, Received) {
+    let first = {
+        let (url, key) = (url.clone(), key.clone());
+        tokio::spawn(async move { post_keyed(&fresh_client(), &url, &key, "order").await })
+    };
+    tokio::time::sleep(after).await;
+    let duplicate = post_keyed(&fresh_client(), &url, &key, "order").await;
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    (first, duplicate)
+}
+
+/// On `store`: a 2.5 s handler under a 1 s lease keeps its key (a duplicate at 1.6 s gets 409)
+/// and its response is replayed; it runs once.
+pub async fn check_a_handler_slower_than_its_lease(store: impl IdempotencyStore) {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(store).reservation_lease(Duration::from_secs(1));
+    let server = work_server(builder, &runs, Duration::from_millis(2500), |_| {});
+    let url = server.url("/work");
+    let (first, duplicate) =
+        request_and_duplicate(url.clone(), "slow".to_owned(), Duration::from_millis(1600)).await;
+    assert!(
+        first.status == StatusCode::CREATED && !first.is_replay(),
+        "{first:?}"
+    );
+    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
+    let retry = post_keyed(&fresh_client(), &url, "slow", "order").await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.count(), 1);
+}
+
+/// On `store`: `Duration::MAX` says "wait for the first request" and "keep for ever"; nothing
+/// panics, the duplicate waits for the first response, and the handler runs once.
+pub async fn check_durations_past_the_clock(store: impl IdempotencyStore) {
+    let runs = Runs::default();
+    let builder = IdempotencyMiddleware::builder(store)
+        .lock_timeout(Duration::MAX)
+        .record_ttl(Duration::MAX)
+        .reservation_lease(Duration::MAX / 2);
+    let server = work_server(builder, &runs, Duration::from_millis(300), |_| {});
+    let url = server.url("/work");
+    let (first, duplicate) =
+        request_and_duplicate(url.clone(), "k".to_owned(), Duration::from_millis(100)).await;
+    assert!(
+        first.status == StatusCode::CREATED && !first.is_replay(),
+        "{first:?}"
+    );
+    assert!(
+        duplicate.is_replay(),
+        "the duplicate waits for the first response: {duplicate:?}"
+    );
+    assert_eq!(duplicate.body, first.body);
+    let retry = post_keyed(&fresh_client(), &url, "k", "order").await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(runs.count(), 1);
 }

@@ -27,7 +27,10 @@ use idempotency_actix::{
 };
 use idempotency_actix_workspace::{
     post_keyed,
-    work::{fresh_client, work, work_server, Delay},
+    work::{
+        check_a_handler_slower_than_its_lease, check_durations_past_the_clock, fresh_client,
+        request_and_duplicate, work, work_server, Delay,
+    },
     Received, Runs, TestServer,
 };
 
@@ -42,18 +45,6 @@ fn server(builder: IdempotencyMiddlewareBuilder, runs: &Runs, delay: Duration) -
     work_server(builder, runs, delay, |config| {
         config.service(fill);
     })
-}
-
-/// Sends `key` now and a duplicate `after` later, each on its own connection.
-async fn request_and_duplicate(url: String, key: String, after: Duration) -> (Received, Received) {
-    let first = {
-        let (url, key) = (url.clone(), key.clone());
-        tokio::spawn(async move { post_keyed(&fresh_client(), &url, &key, "order").await })
-    };
-    tokio::time::sleep(after).await;
-    let duplicate = post_keyed(&fresh_client(), &url, &key, "order").await;
-    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
-    (first, duplicate)
 }
 
 fn is_first_run(answer: &Received) -> bool {
@@ -134,50 +125,14 @@ async fn a_full_memory_store_never_lets_an_in_flight_duplicate_run() {
 /// is stored and replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_slower_than_its_lease_runs_once() {
-    let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
-        .reservation_lease(Duration::from_secs(1));
-    let server = server(builder, &runs, Duration::from_millis(2500));
-
-    let (first, duplicate) = request_and_duplicate(
-        server.url("/work"),
-        "slow".to_owned(),
-        Duration::from_millis(1600),
-    )
-    .await;
-    assert!(is_first_run(&first), "{first:?}");
-    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
-
-    let retry = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
-    assert!(retry.is_replay(), "{retry:?}");
-    assert_eq!(retry.body, first.body);
-    assert_eq!(runs.count(), 1);
+    check_a_handler_slower_than_its_lease(MemoryStore::default()).await;
 }
 
 /// `Duration::MAX` says "wait for the first request" or "keep forever": no panic, and the
 /// guarantees hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durations_past_the_clock_saturate_instead_of_panicking() {
-    let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
-        .lock_timeout(Duration::MAX)
-        .record_ttl(Duration::MAX)
-        .reservation_lease(Duration::MAX / 2);
-    let server = server(builder, &runs, Duration::from_millis(300));
-
-    let (first, duplicate) = request_and_duplicate(
-        server.url("/work"),
-        "k".to_owned(),
-        Duration::from_millis(100),
-    )
-    .await;
-    assert!(is_first_run(&first), "{first:?}");
-    assert!(
-        duplicate.is_replay(),
-        "an unbounded lock timeout waits for the first response: {duplicate:?}"
-    );
-    assert_eq!(duplicate.body, first.body);
-    assert_eq!(runs.count(), 1);
+    check_durations_past_the_clock(MemoryStore::default()).await;
 }
 
 /// Which store operations fail, and how, for [`Faulty`].

@@ -16,7 +16,10 @@ use idempotency_actix::{
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
     post_keyed, redis_url_or_skip, unique_prefix,
-    work::{fresh_client, work_server},
+    work::{
+        check_a_handler_slower_than_its_lease, check_durations_past_the_clock, fresh_client,
+        work_server,
+    },
     PrivateRedis, Received, Runs, TestServer,
 };
 use tokio::sync::Barrier;
@@ -68,25 +71,7 @@ async fn a_handler_slower_than_its_lease_runs_once_on_redis() {
     let Some(url) = redis_url_or_skip(test).await else {
         return;
     };
-    let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(store(&url, &unique_prefix("slow-lease")))
-        .reservation_lease(Duration::from_secs(1));
-    let server = server(builder, &runs, Duration::from_millis(2500));
-
-    let first = tokio::spawn({
-        let url = server.url("/work");
-        async move { post_keyed(&fresh_client(), &url, "slow", "order").await }
-    });
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    let duplicate = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
-    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
-    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
-
-    let retry = post_keyed(&fresh_client(), &server.url("/work"), "slow", "order").await;
-    assert!(retry.is_replay(), "{retry:?}");
-    assert_eq!(retry.body, first.body);
-    assert_eq!(runs.count(), 1);
+    check_a_handler_slower_than_its_lease(store(&url, &unique_prefix("slow-lease"))).await;
 }
 
 /// A record that cannot be read (corrupt, or from another record format) answers 409
@@ -413,23 +398,5 @@ async fn durations_past_the_clock_work_on_redis() {
     let Some(url) = redis_url_or_skip(test).await else {
         return;
     };
-    let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(store(&url, &unique_prefix("durations")))
-        .lock_timeout(Duration::MAX)
-        .record_ttl(Duration::MAX)
-        .reservation_lease(Duration::MAX / 2);
-    let server = server(builder, &runs, Duration::from_millis(300));
-
-    let first = tokio::spawn({
-        let url = server.url("/work");
-        async move { post_keyed(&fresh_client(), &url, "k", "order").await }
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let duplicate = post_keyed(&fresh_client(), &server.url("/work"), "k", "order").await;
-    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
-    assert!(duplicate.is_replay(), "{duplicate:?}");
-    let retry = post_keyed(&fresh_client(), &server.url("/work"), "k", "order").await;
-    assert!(retry.is_replay(), "{retry:?}");
-    assert_eq!(runs.count(), 1);
+    check_durations_past_the_clock(store(&url, &unique_prefix("durations"))).await;
 }
