@@ -1,23 +1,13 @@
 //! What makes two requests one operation: the query string, the path as routing matched it,
 //! and nothing for requests routing does not match.
 
-use std::{
-    future::Future,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::sync::atomic::Ordering;
 
 use actix_web::{get, http::StatusCode, post, test, web, App, HttpResponse};
 use idempotency_actix::{
-    idempotent,
-    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
-    Fingerprint, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
-    MemoryStore, StoreError,
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, MemoryStore,
 };
-use idempotency_actix_workspace::{respond, Received, Runs};
+use idempotency_actix_workspace::{faulty::FaultyStore, respond, Received, Runs};
 
 #[idempotent]
 #[post("/echo")]
@@ -40,54 +30,6 @@ async fn notes(runs: web::Data<Runs>, _body: web::Bytes) -> HttpResponse {
 #[get("/report")]
 async fn report() -> HttpResponse {
     HttpResponse::Ok().body("report")
-}
-
-/// A memory store that counts the reservations it is asked for.
-#[derive(Debug, Clone, Default)]
-struct Counting {
-    store: MemoryStore,
-    reservations: Arc<AtomicUsize>,
-}
-
-impl IdempotencyStore for Counting {
-    fn reserve(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Reservation, StoreError>> {
-        self.reservations.fetch_add(1, Ordering::SeqCst);
-        self.store.reserve(key, token, fingerprint, lease)
-    }
-
-    fn renew(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Renewal, StoreError>> {
-        self.store.renew(key, token, fingerprint, lease)
-    }
-
-    fn complete(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        record: CompletedRecord,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Completion, StoreError>> {
-        self.store.complete(key, token, record, ttl)
-    }
-
-    fn release(
-        &self,
-        key: &str,
-        token: ReservationToken,
-    ) -> impl Future<Output = Result<(), StoreError>> {
-        self.store.release(key, token)
-    }
 }
 
 async fn exchange(
@@ -223,15 +165,10 @@ async fn unmatched_paths_and_methods_answer_as_routing_does_without_reserving() 
     };
     assert_eq!(without[0], StatusCode::NOT_FOUND);
 
-    let store = Counting::default();
+    let (store, asked) = FaultyStore::new();
     let runs = Runs::default();
-    let with = exchange(
-        IdempotencyMiddleware::builder(store.clone()),
-        &runs,
-        requests(),
-    )
-    .await;
+    let with = exchange(IdempotencyMiddleware::builder(store), &runs, requests()).await;
     let with: Vec<_> = with.iter().map(|answer| answer.status).collect();
     assert_eq!(with, without);
-    assert_eq!(store.reservations.load(Ordering::SeqCst), 0);
+    assert_eq!(asked.reservations.load(Ordering::SeqCst), 0);
 }

@@ -2,14 +2,7 @@
 //! handlers slower than their lease, store faults around the reservation, and durations at the
 //! edge of what a clock can hold.
 
-use std::{
-    future::Future,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use actix_web::{
     body::MessageBody,
@@ -20,12 +13,10 @@ use actix_web::{
 };
 use futures_util::future::join_all;
 use idempotency_actix::{
-    idempotent,
-    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
-    Fingerprint, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, IdempotencyStore,
-    MemoryStore, StoreError,
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, MemoryStore,
 };
 use idempotency_actix_workspace::{
+    faulty::FaultyStore,
     post_keyed,
     work::{
         check_a_handler_slower_than_its_lease, check_durations_past_the_clock, fresh_client,
@@ -135,111 +126,11 @@ async fn durations_past_the_clock_saturate_instead_of_panicking() {
     check_durations_past_the_clock(MemoryStore::default()).await;
 }
 
-/// Which store operations fail, and how, for [`Faulty`].
-#[derive(Debug, Default)]
-struct Faults {
-    /// Completions that fail before reaching the store.
-    failing_completions: AtomicUsize,
-    /// Reservations that are made but answered with an error (a timeout after the command ran).
-    reservations_answered_with_error: AtomicUsize,
-    /// Reservations that are made but answered only after this many milliseconds.
-    reservation_answer_delay_ms: AtomicUsize,
-}
-
-impl Faults {
-    fn take(counter: &AtomicUsize) -> bool {
-        counter
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    }
-}
-
-/// A real [`MemoryStore`] behind a link that fails the way networks do.
-#[derive(Debug, Clone)]
-struct Faulty {
-    store: MemoryStore,
-    faults: Arc<Faults>,
-}
-
-fn lost() -> StoreError {
-    StoreError::Backend("timed out waiting for the store's answer".into())
-}
-
-impl IdempotencyStore for Faulty {
-    fn reserve(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Reservation, StoreError>> {
-        let answer = self.store.reserve(key, token, fingerprint, lease);
-        let faults = Arc::clone(&self.faults);
-        async move {
-            let answer = answer.await;
-            let delay = faults.reservation_answer_delay_ms.load(Ordering::SeqCst) as u64;
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            if Faults::take(&faults.reservations_answered_with_error) {
-                return Err(lost());
-            }
-            answer
-        }
-    }
-
-    fn renew(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Renewal, StoreError>> {
-        self.store.renew(key, token, fingerprint, lease)
-    }
-
-    fn complete(
-        &self,
-        key: &str,
-        token: ReservationToken,
-        record: CompletedRecord,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Completion, StoreError>> {
-        let failing = Faults::take(&self.faults.failing_completions);
-        let answer = self.store.complete(key, token, record, ttl);
-        async move {
-            if failing {
-                return Err(lost());
-            }
-            answer.await
-        }
-    }
-
-    fn release(
-        &self,
-        key: &str,
-        token: ReservationToken,
-    ) -> impl Future<Output = Result<(), StoreError>> {
-        self.store.release(key, token)
-    }
-
-    fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
-        self.store.wait_for_change(key, within)
-    }
-}
-
-fn faulty() -> (Faulty, Arc<Faults>) {
-    let faults = Arc::new(Faults::default());
-    let store = Faulty {
-        store: MemoryStore::default(),
-        faults: Arc::clone(&faults),
-    };
-    (store, faults)
-}
-
 /// The first two completions fail (a store blip after the handler ran): the client still gets
 /// its response, the completion is retried, and the retry of the request is a replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_completion_is_retried_and_the_retry_is_replayed() {
-    let (store, faults) = faulty();
+    let (store, faults) = FaultyStore::new();
     faults.failing_completions.store(2, Ordering::SeqCst);
     let runs = Runs::default();
     let server = server(
@@ -262,7 +153,7 @@ async fn a_failed_completion_is_retried_and_the_retry_is_replayed() {
 /// freed at once instead of answering 409 for a whole lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reservation_whose_answer_was_lost_is_released() {
-    let (store, faults) = faulty();
+    let (store, faults) = FaultyStore::new();
     faults
         .reservations_answered_with_error
         .store(1, Ordering::SeqCst);
@@ -303,7 +194,7 @@ async fn a_request_dropped_while_reserving_still_settles_its_key() {
         }
     }
 
-    let (store, faults) = faulty();
+    let (store, faults) = FaultyStore::new();
     faults
         .reservation_answer_delay_ms
         .store(1500, Ordering::SeqCst);
