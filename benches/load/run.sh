@@ -3,13 +3,13 @@
 # without the middleware and behind it (fresh keys, replays, an exempt route; memory store, and
 # Redis when it answers), measured in one run with interleaved rounds, then the ratios.
 #
-#   bash benches/load/run.sh            # ROUNDS=5 DURATION=3s CONNECTIONS=32 by default
+#   bash benches/load/run.sh            # ROUNDS=7 DURATION=3s CONNECTIONS=32 by default
 #
 # Installs wrk (Debian package) if missing and builds the server in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-ROUNDS="${ROUNDS:-5}"
+ROUNDS="${ROUNDS:-7}"
 DURATION="${DURATION:-3s}"
 CONNECTIONS="${CONNECTIONS:-32}"
 REDIS_URL="${IDEMPOTENCY_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
@@ -30,27 +30,35 @@ if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
 fi
 
 work=$(mktemp -d)
-BENCH_REDIS_URL="$REDIS_URL" $pin_server target/release/bench_server >"$work/servers" 2>"$work/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do grep -q '^ready' "$work/servers" 2>/dev/null && break; sleep 0.1; done
-grep -q '^ready' "$work/servers" || { cat "$work/server.log"; exit 1; }
-url() { awk -v name="$1" '$1 == name { print $2 }' "$work/servers"; }
-bare=$(url bare); memory=$(url memory); redis=$(url redis)
+server=""
+stop_server() { [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=""; }
+trap 'stop_server; rm -rf "$work"' EXIT
 
-# case name, server URL, path, script
+# Starts a fresh server (empty stores), so that every round measures the same conditions: a
+# fresh-key round would otherwise pay for a table grown by all the rounds before it.
+start_server() {
+  BENCH_REDIS_URL="$REDIS_URL" $pin_server target/release/bench_server >"$work/servers" 2>"$work/server.log" &
+  server=$!
+  for _ in $(seq 1 100); do grep -q '^ready' "$work/servers" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^ready' "$work/servers" || { cat "$work/server.log"; exit 1; }
+}
+url() { awk -v name="$1" '$1 == name { print $2 }' "$work/servers"; }
+
+# case name, server name, path, script
 cases=(
-  "bare $bare /orders fresh"
-  "memory_fresh $memory /orders fresh"
-  "memory_replay $memory /orders replay"
-  "bare_exempt $bare /exempt unkeyed"
-  "memory_exempt $memory /exempt unkeyed"
+  "bare bare /orders fresh"
+  "memory_fresh memory /orders fresh"
+  "memory_replay memory /orders replay"
+  "bare_exempt bare /exempt unkeyed"
+  "memory_exempt memory /exempt unkeyed"
 )
-if [ -n "$redis" ]; then
-  cases+=("redis_fresh $redis /orders fresh" "redis_replay $redis /orders replay")
+start_server
+if [ -n "$(url redis)" ]; then
+  cases+=("redis_fresh redis /orders fresh" "redis_replay redis /orders replay")
 else
   echo "(no Redis at $REDIS_URL: the Redis cases are skipped)"
 fi
+stop_server
 
 # Prints "requests_per_second p50_ms p99_ms" from wrk's output.
 summarise() {
@@ -70,29 +78,41 @@ summarise() {
 
 echo "== $ROUNDS interleaved rounds of $DURATION, $CONNECTIONS connections, 1 wrk thread, 1 server worker"
 for round in $(seq 1 "$ROUNDS"); do
+  start_server
   for case in "${cases[@]}"; do
-    read -r name base path script <<<"$case"
-    $pin_client wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$here/$script.lua" "$base$path" \
+    read -r name server_name path script <<<"$case"
+    $pin_client wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$here/$script.lua" "$(url "$server_name")$path" \
       | summarise >>"$work/$name"
   done
+  stop_server
   echo "   round $round done"
 done
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-declare -A rps
 printf '%-16s %12s %10s %10s\n' case "requests/s" "p50 ms" "p99 ms"
 for case in "${cases[@]}"; do
   read -r name _ <<<"$case"
-  rps[$name]=$(cut -d' ' -f1 "$work/$name" | median)
+  rps=$(cut -d' ' -f1 "$work/$name" | median)
   p50=$(cut -d' ' -f2 "$work/$name" | median)
   p99=$(cut -d' ' -f3 "$work/$name" | median)
-  printf '%-16s %12.0f %10.3f %10.3f\n' "$name" "${rps[$name]}" "$p50" "$p99"
+  printf '%-16s %12.0f %10.3f %10.3f\n' "$name" "$rps" "$p50" "$p99"
 done
-ratio() { awk -v a="$2" -v b="$3" -v n="$1" 'BEGIN { printf "ratio %s %.2f\n", n, a / b }'; }
-ratio fresh_memory "${rps[memory_fresh]}" "${rps[bare]}"
-ratio replay_memory "${rps[memory_replay]}" "${rps[bare]}"
-ratio exempt "${rps[memory_exempt]}" "${rps[bare_exempt]}"
-if [ -n "$redis" ]; then
-  ratio fresh_redis "${rps[redis_fresh]}" "${rps[bare]}"
-  ratio replay_redis "${rps[redis_replay]}" "${rps[bare]}"
+
+# Each ratio is taken within a round (both sides measured seconds apart, so a slow spell of the
+# machine affects both), then the median over the rounds is printed, with the rounds' spread.
+ratio() {
+  paste -d' ' <(cut -d' ' -f1 "$work/$2") <(cut -d' ' -f1 "$work/$3") \
+    | awk '{ print $1 / $2 }' | sort -n \
+    | awk -v n="$1" '{ v[NR] = $1 } END {
+        printf "ratio %s %.2f\n", n, v[int((NR + 1) / 2)];
+        printf "spread %s %.2f-%.2f over %d rounds\n", n, v[1], v[NR], NR >> spread }' \
+      spread="$work/spread"
+}
+ratio fresh_memory memory_fresh bare
+ratio replay_memory memory_replay bare
+ratio exempt memory_exempt bare_exempt
+if [ -s "$work/redis_fresh" ]; then
+  ratio fresh_redis redis_fresh bare
+  ratio replay_redis redis_replay bare
 fi
+cat "$work/spread"

@@ -75,7 +75,12 @@ async fn main() -> std::io::Result<()> {
                 .key_prefix(idempotency_actix_workspace::unique_prefix("load"))
                 .build()
                 .map_err(std::io::Error::other)?;
-            let redis = IdempotencyMiddleware::new(store);
+            // Each round starts a new server under a new prefix: short-lived records keep the
+            // rounds from piling up in the shared Redis.
+            let redis = IdempotencyMiddleware::builder(store)
+                .record_ttl(std::time::Duration::from_secs(600))
+                .build()
+                .map_err(std::io::Error::other)?;
             servers.push(serve("redis", move || {
                 App::new().wrap(redis.clone()).configure(routes)
             })?);

@@ -17,7 +17,7 @@ use std::{
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-use super::ReservationToken;
+use super::{memory_key::MemoryKey, ReservationToken};
 use crate::Fingerprint;
 
 const SHARDS: usize = 64;
@@ -42,7 +42,7 @@ type FastHash = foldhash::fast::RandomState;
 
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<String, InFlight, FastHash>,
+    entries: HashMap<MemoryKey, InFlight, FastHash>,
     /// The size at which expired entries are swept next.
     sweep_at: usize,
 }
@@ -55,12 +55,12 @@ pub(super) struct Locked<'a> {
 
 impl Locked<'_> {
     /// The key's reservation, live or expired.
-    pub(super) fn get(&self, key: &str) -> Option<&InFlight> {
+    pub(super) fn get(&self, key: &MemoryKey) -> Option<&InFlight> {
         self.shard.entries.get(key)
     }
 
     /// Puts a reservation on the key, in place of an expired one if any.
-    pub(super) fn put(&mut self, key: &str, entry: InFlight, now: Instant) {
+    pub(super) fn put(&mut self, key: &MemoryKey, entry: InFlight, now: Instant) {
         match self.shard.entries.get_mut(key) {
             Some(existing) => {
                 // Whoever waited on the expired reservation looks again now.
@@ -68,7 +68,7 @@ impl Locked<'_> {
                 *existing = entry;
             }
             None => {
-                self.shard.entries.insert(key.to_owned(), entry);
+                self.shard.entries.insert(*key, entry);
                 self.count.fetch_add(1, Ordering::Relaxed);
                 self.sweep_if_grown(now);
             }
@@ -76,14 +76,14 @@ impl Locked<'_> {
     }
 
     /// Extends the key's reservation to `expires_at`.
-    pub(super) fn extend(&mut self, key: &str, expires_at: Instant) {
+    pub(super) fn extend(&mut self, key: &MemoryKey, expires_at: Instant) {
         if let Some(existing) = self.shard.entries.get_mut(key) {
             existing.expires_at = expires_at;
         }
     }
 
     /// Removes the key's reservation and wakes whoever waits for it to end.
-    pub(super) fn remove(&mut self, key: &str) {
+    pub(super) fn remove(&mut self, key: &MemoryKey) {
         if let Some(removed) = self.shard.entries.remove(key) {
             self.count.fetch_sub(1, Ordering::Relaxed);
             removed.ended.notify_waiters();
@@ -135,7 +135,7 @@ impl Default for InFlightMap {
 
 impl InFlightMap {
     /// Locks the shard of `key`: every operation on a key happens under this lock.
-    pub(super) fn lock(&self, key: &str) -> Locked<'_> {
+    pub(super) fn lock(&self, key: &MemoryKey) -> Locked<'_> {
         let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
         Locked {
             shard: self.shards[index].lock(),

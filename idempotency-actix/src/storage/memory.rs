@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use super::{
     in_flight::{deadline, InFlight, InFlightMap},
+    memory_key::MemoryKey,
     records::Records,
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
 };
@@ -129,7 +130,7 @@ impl MemoryStore {
         self.evictions.total.load(Ordering::Relaxed)
     }
 
-    fn record(&self, key: &str) -> Option<Arc<CompletedRecord>> {
+    fn record(&self, key: &MemoryKey) -> Option<Arc<CompletedRecord>> {
         self.records.get(key)
     }
 
@@ -140,6 +141,7 @@ impl MemoryStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
+        let key = &MemoryKey::new(key);
         let now = Instant::now();
         if self.in_flight.len() >= self.max_in_flight {
             // Expired reservations still count until swept: sweep before refusing anyone.
@@ -173,6 +175,7 @@ impl MemoryStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Renewal {
+        let key = &MemoryKey::new(key);
         let now = Instant::now();
         let mut locked = self.in_flight.lock(key);
         match locked.get(key) {
@@ -201,8 +204,9 @@ impl MemoryStore {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Completion {
+        let key = &MemoryKey::new(key);
         let now = Instant::now();
-        let weight = resident_size(key, &record);
+        let weight = resident_size(&record);
         let record = Arc::new(record);
         let mut locked = self.in_flight.lock(key);
         let mut evicted = 0;
@@ -238,6 +242,7 @@ impl MemoryStore {
     }
 
     fn release_now(&self, key: &str, token: ReservationToken) {
+        let key = &MemoryKey::new(key);
         let mut locked = self.in_flight.lock(key);
         if locked.get(key).is_some_and(|ours| ours.token == token) {
             locked.remove(key);
@@ -245,6 +250,7 @@ impl MemoryStore {
     }
 
     async fn wait_for_end(&self, key: &str, within: Duration) {
+        let key = &MemoryKey::new(key);
         let ended = {
             let locked = self.in_flight.lock(key);
             match locked.get(key) {
@@ -330,13 +336,13 @@ impl IdempotencyStore for MemoryStore {
 /// What one record holds in resident memory, measured (`cargo bench --bench record_memory`)
 /// rather than guessed, so that `max_bytes` bounds the process's memory: the LRU entry and its
 /// table slot, the record's allocations, and the allocator's rounding of each.
-fn resident_size(key: &str, record: &CompletedRecord) -> u64 {
+fn resident_size(record: &CompletedRecord) -> u64 {
     const ENTRY: usize = 230;
     const PER_HEADER: usize = 96;
     let response = record.response.as_ref().map_or(0, |response| {
         response.size_hint() + response.headers.len() * PER_HEADER
     });
-    u64::try_from(ENTRY + key.len() + response).unwrap_or(u64::MAX)
+    u64::try_from(ENTRY + response).unwrap_or(u64::MAX)
 }
 
 /// Configures a [`MemoryStore`].

@@ -3,6 +3,7 @@
 mod in_flight;
 mod interface;
 mod memory;
+mod memory_key;
 mod record;
 mod records;
 #[cfg(feature = "redis")]

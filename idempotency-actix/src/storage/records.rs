@@ -14,7 +14,7 @@ use std::{
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use super::{in_flight::deadline, CompletedRecord};
+use super::{in_flight::deadline, memory_key::MemoryKey, CompletedRecord};
 
 type FastHash = foldhash::fast::RandomState;
 
@@ -32,7 +32,7 @@ struct Kept {
 
 #[derive(Debug)]
 struct Shard {
-    list: LruCache<String, Kept, FastHash>,
+    list: LruCache<MemoryKey, Kept, FastHash>,
     weight: u64,
 }
 
@@ -71,13 +71,13 @@ impl Records {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard> {
+    fn shard(&self, key: &MemoryKey) -> &Mutex<Shard> {
         let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
         &self.shards[index]
     }
 
     /// The live record of `key`, which becomes the most recently used.
-    pub(super) fn get(&self, key: &str) -> Option<Arc<CompletedRecord>> {
+    pub(super) fn get(&self, key: &MemoryKey) -> Option<Arc<CompletedRecord>> {
         let now = Instant::now();
         let mut shard = self.shard(key).lock();
         match shard.list.get(key) {
@@ -93,7 +93,7 @@ impl Records {
     }
 
     /// Whether `key` has a live record.
-    pub(super) fn contains(&self, key: &str) -> bool {
+    pub(super) fn contains(&self, key: &MemoryKey) -> bool {
         let now = Instant::now();
         let shard = self.shard(key).lock();
         shard
@@ -107,7 +107,7 @@ impl Records {
     /// evicts everything else in its shard: the newest record always stays.
     pub(super) fn insert(
         &self,
-        key: &str,
+        key: &MemoryKey,
         record: Arc<CompletedRecord>,
         ttl: Duration,
         weight: u64,
@@ -119,7 +119,7 @@ impl Records {
             weight,
         };
         let mut shard = self.shard(key).lock();
-        if let Some(replaced) = shard.list.put(key.to_owned(), kept) {
+        if let Some(replaced) = shard.list.put(*key, kept) {
             shard.weight -= replaced.weight;
         }
         shard.weight += weight;
