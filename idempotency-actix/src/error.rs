@@ -77,6 +77,13 @@ pub enum IdempotencyError {
         "the request with this idempotency key was processed, but its record cannot be read by this server"
     )]
     RecordUnreadable,
+    /// The handler ran in its own transaction, but its reservation had lapsed and another
+    /// request had taken the key before it could commit: its transaction was rolled back, so
+    /// none of its effects happened (409).
+    #[error(
+        "another request with this idempotency key took over while this one ran; this one's effects were rolled back"
+    )]
+    ReservationLost,
     /// The idempotency store could not be reached and the middleware fails closed (503).
     #[error("the idempotency store is unavailable; retry later")]
     StoreUnavailable,
@@ -108,6 +115,7 @@ impl IdempotencyError {
             Self::BodyUnreadable => "body-unreadable",
             Self::ResponseNotReplayable => "response-not-replayable",
             Self::RecordUnreadable => "record-unreadable",
+            Self::ReservationLost => "reservation-lost",
             Self::StoreUnavailable => "store-unavailable",
             Self::Misconfigured(_) => "misconfigured",
         }
@@ -128,6 +136,7 @@ impl IdempotencyError {
             Self::BodyUnreadable => "Request body unreadable",
             Self::ResponseNotReplayable => "Stored response not replayable",
             Self::RecordUnreadable => "Stored record unreadable",
+            Self::ReservationLost => "Request with this idempotency key taken over",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::Misconfigured(_) => "Idempotency middleware misconfigured",
         }
@@ -143,7 +152,9 @@ impl ResponseError for IdempotencyError {
             Self::PayloadMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { status, .. } => *status,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ResponseNotReplayable | Self::RecordUnreadable => StatusCode::CONFLICT,
+            Self::ResponseNotReplayable | Self::RecordUnreadable | Self::ReservationLost => {
+                StatusCode::CONFLICT
+            }
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -169,7 +180,7 @@ impl ResponseError for IdempotencyError {
         ));
         let retry_after_seconds = match self {
             Self::InFlight { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            Self::StoreUnavailable => Some(1),
+            Self::StoreUnavailable | Self::ReservationLost => Some(1),
             _ => None,
         };
         if let Some(seconds) = retry_after_seconds {

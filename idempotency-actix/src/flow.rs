@@ -2,6 +2,7 @@
 
 use std::{
     future::Future,
+    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,6 +21,7 @@ use crate::{
     config::{Config, StoreOutage},
     context::RequestFacts,
     encoder::KeyParts,
+    joined::{ActiveReservation, Joined, JoinedWork},
     manual::{ManualIdempotency, PriorResponse},
     replay::{replay_response, replayable_headers},
     storage::{
@@ -344,6 +346,7 @@ pub(crate) struct PendingRecord {
     renewal: Option<JoinHandle<()>>,
     settled: bool,
     replayable: bool,
+    active: Rc<ActiveReservation>,
 }
 
 impl PendingRecord {
@@ -364,6 +367,7 @@ impl PendingRecord {
         };
         Self {
             config: Arc::clone(config),
+            active: Rc::new(ActiveReservation::new(Arc::clone(&store))),
             store,
             key,
             token,
@@ -372,6 +376,11 @@ impl PendingRecord {
             settled: false,
             replayable: true,
         }
+    }
+
+    /// The reservation as the handler's extractors see it, for the request's extensions.
+    pub(crate) fn active(&self) -> Rc<ActiveReservation> {
+        Rc::clone(&self.active)
     }
 
     /// Marks the operation as done but not replayable, whatever its response: it ran under a
@@ -399,7 +408,11 @@ impl PendingRecord {
         if is_event_stream(response.headers()) {
             // An event stream is a live feed, not a result: the operation is done, but there
             // is nothing to replay.
-            self.complete(None).await;
+            if let Err(refusal) = self.complete(None).await {
+                return Ok(response
+                    .into_response(refusal.error_response())
+                    .map_into_right_body());
+            }
             return Ok(response.map_into_left_body());
         }
         let (request, response) = response.into_parts();
@@ -411,19 +424,30 @@ impl PendingRecord {
             Ok(bytes) => {
                 let stored = (bytes.len() <= limit)
                     .then(|| StoredResponse::new(status, headers, bytes.clone()));
-                self.complete(stored).await;
+                if let Err(refusal) = self.complete(stored).await {
+                    return Ok(refused(request, &refusal));
+                }
                 BoxBody::new(bytes)
+            }
+            Err(stream) if self.active.is_joined() => {
+                // The handler's transaction commits before any of its response is sent, so
+                // the record cannot wait for the stream's end: the operation is recorded as
+                // done, without a replayable response.
+                if let Err(refusal) = self.complete(None).await {
+                    return Ok(refused(request, &refusal));
+                }
+                BoxBody::new(stream)
             }
             Err(stream) => {
                 let (body, recorded) = RecordingBody::new(stream, limit);
                 actix_web::rt::spawn(async move {
                     match recorded.await {
                         Ok(Recorded::Whole(bytes)) => {
-                            self.complete(Some(StoredResponse::new(status, headers, bytes)))
-                                .await;
+                            let stored = StoredResponse::new(status, headers, bytes);
+                            let _nothing_joined = self.complete(Some(stored)).await;
                         }
                         Ok(Recorded::TooLarge | Recorded::Abandoned) | Err(_) => {
-                            self.complete(None).await;
+                            let _nothing_joined = self.complete(None).await;
                         }
                         Ok(Recorded::Failed) => {
                             log::error!("idempotency: a response body failed while it was sent");
@@ -440,11 +464,28 @@ impl PendingRecord {
     /// Stores the record. A store fault is retried in the background within the lease, while
     /// the reservation is still renewed, so the client gets its response now and a retry finds
     /// the record once the store answers.
-    async fn complete(&mut self, response: Option<StoredResponse>) {
+    ///
+    /// When the handler did its work in a transaction of its own, the record is committed in
+    /// it instead, at once: if that fails, none of the handler's effects happened, and the
+    /// client is told so in place of the handler's response.
+    async fn complete(&mut self, response: Option<StoredResponse>) -> Result<(), IdempotencyError> {
         self.settled = true;
         let response = response.filter(|_| self.replayable);
         let record = CompletedRecord::new(self.fingerprint, response);
         let ttl = self.config.record_ttl;
+        match self.active.take() {
+            Joined::No => {}
+            Joined::Yes(work) => return self.commit_joined(work, record, ttl).await,
+            Joined::StillLent => {
+                log::error!(
+                    "idempotency: a handler kept its transaction past its own end (moved it                      into a task?); it cannot commit with the key's record, so nothing is                      committed and the key is freed"
+                );
+                self.release().await;
+                return Err(IdempotencyError::Misconfigured(
+                    "the handler kept its idempotent transaction past its end",
+                ));
+            }
+        }
         let first = self
             .store
             .complete(&self.key, self.token, record.clone(), ttl)
@@ -452,7 +493,8 @@ impl PendingRecord {
         let error = match first {
             Ok(completion) => {
                 self.stop_renewing();
-                return log_completion(completion);
+                log_completion(completion);
+                return Ok(());
             }
             Err(error) => error,
         };
@@ -474,9 +516,48 @@ impl PendingRecord {
                 ),
             }
         });
+        Ok(())
+    }
+
+    /// Commits the handler's transaction with the record. Whatever goes wrong, nothing of the
+    /// handler's is committed: the key is freed for a retry (a commit whose outcome is unknown
+    /// is safe too: freeing touches only a reservation, never a record).
+    async fn commit_joined(
+        &mut self,
+        work: Box<dyn JoinedWork>,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        let committed = work
+            .commit_with_record(self.key.clone(), self.token, record, ttl)
+            .await;
+        match committed {
+            Ok(Completion::LostReservation) => {
+                self.stop_renewing();
+                log::error!(
+                    "idempotency: a handler's reservation lapsed and another request took its                      key before it committed; its transaction was rolled back"
+                );
+                Err(IdempotencyError::ReservationLost)
+            }
+            Ok(completion) => {
+                self.stop_renewing();
+                log_completion(completion);
+                Ok(())
+            }
+            Err(error) => {
+                log::error!(
+                    "idempotency: a handler's transaction could not commit with its record \
+                     ({error}); its effects were rolled back and its key is freed"
+                );
+                self.release().await;
+                Err(IdempotencyError::StoreUnavailable)
+            }
+        }
     }
 
     async fn release(&mut self) {
+        // The handler's own transaction, if any, rolls back first.
+        drop(self.active.take());
         self.stop_renewing();
         let released = self.store.release(&self.key, self.token).await;
         if let Err(error) = released {
@@ -496,6 +577,14 @@ impl PendingRecord {
             renewal.abort();
         }
     }
+}
+
+/// The response that replaces the handler's when its outcome could not be recorded.
+fn refused<B>(
+    request: actix_web::HttpRequest,
+    refusal: &IdempotencyError,
+) -> ServiceResponse<EitherBody<B>> {
+    ServiceResponse::new(request, refusal.error_response()).map_into_right_body()
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {

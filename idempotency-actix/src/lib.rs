@@ -120,6 +120,7 @@ mod encoder;
 mod error;
 mod fingerprint;
 mod flow;
+mod joined;
 mod key;
 mod manual;
 mod middleware;
@@ -141,6 +142,8 @@ pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
 pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
 pub use replay::REPLAYED_HEADER;
 pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};
+#[cfg(feature = "postgres")]
+pub use storage::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStoreBuilder};
 pub use storage::{IdempotencyStore, MemoryStore};
 #[cfg(feature = "redis")]
 pub use storage::{RedisStore, RedisStoreBuilder};

@@ -201,6 +201,9 @@ where
                     if let Some(manual) = manual {
                         req.extensions_mut().insert(manual);
                     }
+                    if let Some(pending) = &pending {
+                        req.extensions_mut().insert(pending.active());
+                    }
                     flow::run_handler(pending, service.call(req), detached).await
                 }
             }

@@ -41,10 +41,17 @@
 //! happened; its response cannot be sent again. Check the operation's outcome by other means;
 //! the key becomes usable again when its record expires.
 //!
+//! # reservation-lost
+//! **409**, with `Retry-After`. The handler ran in a database transaction of its own, but it
+//! took longer than its reservation of the key lasted and another request with the key took
+//! over; so its transaction was rolled back and none of its effects happened. Retry with the same
+//! key to get the other request's outcome.
+//!
 //! # store-unavailable
 //! **503**, with `Retry-After`. The service cannot currently guarantee that the request runs only
 //! once (its store cannot be reached, or cannot take one more request in flight), so it did not
-//! run it. Retry with the same key.
+//! run it; or the handler ran in a transaction of its own that could not be committed with its
+//! record, so its effects were rolled back. Retry with the same key.
 //!
 //! # misconfigured
 //! **500.** The service's idempotency middleware is missing or registered in the wrong order;

@@ -1,6 +1,6 @@
 //! The storage trait every backend implements.
 
-use std::{future::Future, time::Duration};
+use std::{any::Any, future::Future, time::Duration};
 
 use futures_util::future::LocalBoxFuture;
 
@@ -116,6 +116,9 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     ) -> LocalBoxFuture<'a, Result<(), StoreError>>;
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()>;
+
+    /// The store itself, for an extractor that works only with its own kind of store.
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<S: IdempotencyStore> DynStore for S {
@@ -171,5 +174,9 @@ impl<S: IdempotencyStore> DynStore for S {
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
         Box::pin(IdempotencyStore::wait_for_change(self, key, within))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -1,14 +1,20 @@
 //! Storage backends and the trait they implement.
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod codec;
 mod in_flight;
 mod interface;
 mod memory;
 mod memory_key;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod record;
 mod records;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub(crate) use interface::DynStore;

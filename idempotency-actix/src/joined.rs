@@ -1,0 +1,100 @@
+//! A handler's own unit of work (a database transaction) that commits together with its key's
+//! record, so that the handler's effects exist if and only if the record does.
+//!
+//! The reservation a keyed handler runs under is put in its request's extensions; a store's
+//! extractor (such as `IdempotentTransaction`) lends the handler a unit of work from it and,
+//! when the handler is done with it, gives it back. Settling the key then writes the record in
+//! that unit of work and commits both, instead of writing the record on its own.
+
+use std::{any::Any, cell::RefCell, sync::Arc, time::Duration};
+
+use futures_util::future::LocalBoxFuture;
+
+use crate::{
+    storage::{CompletedRecord, Completion, DynStore, ReservationToken},
+    StoreError,
+};
+
+/// A unit of work that can take a key's record and commit with it.
+pub(crate) trait JoinedWork {
+    /// Writes `record` for `key` (held by `token`) in this unit of work and commits both; when
+    /// the record cannot be written (another request took the key), rolls both back and says
+    /// [`Completion::LostReservation`]. An error means nothing was committed, or the commit's
+    /// outcome is unknown.
+    fn commit_with_record(
+        self: Box<Self>,
+        key: String,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> LocalBoxFuture<'static, Result<Completion, StoreError>>;
+}
+
+enum Lending {
+    /// No unit of work was lent.
+    None,
+    /// The handler holds it.
+    Lent,
+    /// The handler gave it back.
+    Returned(Box<dyn JoinedWork>),
+}
+
+/// What the handler did with the unit of work it was lent, seen when its key is settled.
+pub(crate) enum Joined {
+    /// None was lent: the record is written on its own.
+    No,
+    /// The handler still holds it (it moved it into a task that outlived the handler): it can
+    /// no longer commit with the record.
+    StillLent,
+    /// Here it is, to commit with the record.
+    Yes(Box<dyn JoinedWork>),
+}
+
+/// The reservation a keyed handler runs under, as its extractors see it.
+pub(crate) struct ActiveReservation {
+    store: Arc<dyn DynStore>,
+    lending: RefCell<Lending>,
+}
+
+impl ActiveReservation {
+    pub(crate) fn new(store: Arc<dyn DynStore>) -> Self {
+        Self {
+            store,
+            lending: RefCell::new(Lending::None),
+        }
+    }
+
+    /// The store the reservation is held in, for an extractor to recognise its own.
+    pub(crate) fn store(&self) -> &dyn Any {
+        self.store.as_any()
+    }
+
+    /// Records that a unit of work is lent to the handler; only one per request.
+    pub(crate) fn lend(&self) -> bool {
+        let mut lending = self.lending.borrow_mut();
+        if !matches!(*lending, Lending::None) {
+            return false;
+        }
+        *lending = Lending::Lent;
+        true
+    }
+
+    /// Takes back the unit of work the handler was lent.
+    pub(crate) fn give_back(&self, work: Box<dyn JoinedWork>) {
+        *self.lending.borrow_mut() = Lending::Returned(work);
+    }
+
+    /// Whether a unit of work was lent, returned or not.
+    pub(crate) fn is_joined(&self) -> bool {
+        !matches!(*self.lending.borrow(), Lending::None)
+    }
+
+    /// Takes what the handler did with its unit of work, once.
+    pub(crate) fn take(&self) -> Joined {
+        match std::mem::replace(&mut *self.lending.borrow_mut(), Lending::None) {
+            Lending::None => Joined::No,
+            Lending::Lent => Joined::StillLent,
+            Lending::Returned(work) => Joined::Yes(work),
+        }
+    }
+}

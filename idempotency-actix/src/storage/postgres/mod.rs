@@ -1,0 +1,445 @@
+//! The PostgreSQL store: durable records, and records committed in the handler's own
+//! transaction.
+
+mod expiry;
+mod schema;
+mod transaction;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool, Row};
+
+use self::schema::{is_plain_table_name, Statements, DEFAULT_TABLE};
+pub use self::{expiry::ExpiryJob, transaction::IdempotentTransaction};
+use super::{
+    codec::{decode_record, encode_record},
+    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    LONGEST_LIFETIME,
+};
+use crate::{Fingerprint, StoreError};
+
+/// How often a reservation is tried again when the key changed hands between two statements.
+const CLAIM_ATTEMPTS: usize = 8;
+
+/// A store on PostgreSQL: one row per key in one table, shared by every instance that uses the
+/// same database.
+///
+/// Reservations are committed rows with a lease, so a duplicate request costs one short query
+/// and never holds a connection while it waits. Completed records stay until their TTL; an
+/// [`ExpiryJob`] (or a statement of your own, see [`ExpiryJob`]) deletes expired rows.
+///
+/// With [`IdempotentTransaction`], a handler does its own writes in the transaction that also
+/// writes its key's record: its effects are committed if and only if the record is.
+///
+/// # Schema
+///
+/// [`ensure_schema`](Self::ensure_schema) creates the table if it is missing (handy for a quick
+/// start); teams that manage migrations run [`PostgresStore::SCHEMA`] (the file
+/// `migrations/0001_idempotency_keys.sql` in this crate) with their own tool.
+///
+/// ```no_run
+/// use idempotency_actix::{IdempotencyMiddleware, PostgresStore};
+///
+/// # async fn run() -> Result<(), idempotency_actix::StoreError> {
+/// let store = PostgresStore::builder("postgres://postgres@127.0.0.1:5432/test")
+///     .max_connections(20)
+///     .build()?;
+/// store.ensure_schema().await?;
+/// actix_web::rt::spawn(store.expiry_job().run());
+/// let middleware = IdempotencyMiddleware::new(store);
+/// # let _ = middleware;
+/// # Ok(()) }
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    table: String,
+    sql: Statements,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table)
+            .field("connections", &self.inner.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// The schema of the default table (`idempotency_keys`), as a migration.
+    pub const SCHEMA: &'static str = schema::DEFAULT_SCHEMA;
+
+    /// A builder for a store on the database at `url` (`postgres://user@host:port/db`).
+    pub fn builder(url: &str) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            source: Source::Url(url.to_owned()),
+            table: DEFAULT_TABLE.to_owned(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A builder for a store on a pool the application already has, so that handlers'
+    /// transactions and the store share its connections. The pool's own settings apply.
+    pub fn builder_from_pool(pool: PgPool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            source: Source::Pool(pool),
+            ..Self::builder("")
+        }
+    }
+
+    /// The connection pool the store (and [`IdempotentTransaction`]) uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Creates the store's table and index if they do not exist.
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(&self.inner.sql.schema)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// A job that deletes expired rows, with the default period and batch size.
+    pub fn expiry_job(&self) -> ExpiryJob {
+        ExpiryJob::new(self.clone())
+    }
+
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
+        self.inner.pool.acquire().await.map_err(backend)
+    }
+
+    async fn reserve_key(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Reservation, StoreError> {
+        let mut connection = self.connection().await?;
+        let sql = &self.inner.sql;
+        for _ in 0..CLAIM_ATTEMPTS {
+            if claim(&mut connection, &sql.claim, key, token, fingerprint, lease).await? {
+                return Ok(Reservation::Acquired);
+            }
+            let held = sqlx::query(&sql.look)
+                .bind(key)
+                .fetch_optional(&mut *connection)
+                .await
+                .map_err(backend)?;
+            // Gone between the two statements (completed and expired, or freed): claim again.
+            let Some(held) = held else { continue };
+            return Ok(read_holder(&held));
+        }
+        Err(StoreError::Corrupt(format!(
+            "the key changed hands {CLAIM_ATTEMPTS} times while it was being reserved"
+        )))
+    }
+
+    async fn renew_key(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        let mut connection = self.connection().await?;
+        let sql = &self.inner.sql;
+        let extended = sqlx::query(&sql.extend)
+            .bind(key)
+            .bind(token_value(token))
+            .bind(millis(lease))
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(backend)?;
+        if let Some(row) = extended {
+            let live: bool = row.try_get(0).map_err(backend)?;
+            return Ok(if live {
+                Renewal::Renewed
+            } else {
+                Renewal::Restored
+            });
+        }
+        if claim(&mut connection, &sql.claim, key, token, fingerprint, lease).await? {
+            return Ok(Renewal::Restored);
+        }
+        Ok(Renewal::Lost)
+    }
+
+    async fn release_key(&self, key: &str, token: ReservationToken) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        sqlx::query(&self.inner.sql.release)
+            .bind(key)
+            .bind(token_value(token))
+            .execute(&mut *connection)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// Claims `key` if it is free or expired; says whether it did.
+async fn claim(
+    connection: &mut PgConnection,
+    statement: &str,
+    key: &str,
+    token: ReservationToken,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    let claimed = sqlx::query(statement)
+        .bind(key)
+        .bind(token_value(token))
+        .bind(fingerprint.0.as_slice())
+        .bind(millis(lease))
+        .fetch_optional(connection)
+        .await
+        .map_err(backend)?;
+    Ok(claimed.is_some())
+}
+
+/// What a `look` row says about the key's holder.
+fn read_holder(row: &sqlx::postgres::PgRow) -> Reservation {
+    let read = || -> Result<Reservation, StoreError> {
+        let state: String = row.try_get(0).map_err(backend)?;
+        let fingerprint: Vec<u8> = row.try_get(1).map_err(backend)?;
+        let fingerprint = Fingerprint(
+            fingerprint
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a fingerprint of the wrong size".to_owned()))?,
+        );
+        match state.as_str() {
+            "in_flight" => {
+                let remaining: f64 = row.try_get(3).map_err(backend)?;
+                Ok(Reservation::InFlight {
+                    fingerprint,
+                    remaining_lease: Duration::try_from_secs_f64(remaining / 1000.0)
+                        .unwrap_or_default(),
+                })
+            }
+            "completed" => {
+                let record: Option<Vec<u8>> = row.try_get(2).map_err(backend)?;
+                let record = decode_record(record.as_deref().unwrap_or_default())?;
+                Ok(Reservation::Completed(Arc::new(record)))
+            }
+            other => Err(StoreError::Corrupt(format!("unknown state {other:?}"))),
+        }
+    };
+    read().unwrap_or_else(|error| Reservation::Unreadable {
+        reason: error.to_string(),
+    })
+}
+
+/// Completes the reservation `token` holds on `key` with `record`, on `connection` (the pool's,
+/// or the handler's transaction).
+async fn complete_on(
+    connection: &mut PgConnection,
+    sql: &Statements,
+    key: &str,
+    token: ReservationToken,
+    record: &CompletedRecord,
+    ttl: Duration,
+) -> Result<Completion, StoreError> {
+    let encoded = encode_record(record)?;
+    let ours = sqlx::query(&sql.complete_ours)
+        .bind(key)
+        .bind(token_value(token))
+        .bind(encoded.as_slice())
+        .bind(millis(ttl))
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(backend)?;
+    if let Some(row) = ours {
+        let live: bool = row.try_get(0).map_err(backend)?;
+        return Ok(if live {
+            Completion::Stored
+        } else {
+            Completion::StoredWithoutReservation
+        });
+    }
+    let stored = sqlx::query(&sql.complete_empty)
+        .bind(key)
+        .bind(encoded.as_slice())
+        .bind(record.fingerprint.0.as_slice())
+        .bind(millis(ttl))
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(backend)?;
+    if stored.is_some() {
+        return Ok(Completion::StoredWithoutReservation);
+    }
+    // A repeated completion (its first answer was lost) finds its own record.
+    let same = sqlx::query(&sql.holds_record)
+        .bind(key)
+        .bind(encoded.as_slice())
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(backend)?;
+    let same = match same {
+        Some(row) => row.try_get::<Option<bool>, _>(0).map_err(backend)?,
+        None => None,
+    };
+    Ok(if same == Some(true) {
+        Completion::Stored
+    } else {
+        Completion::LostReservation
+    })
+}
+
+impl IdempotencyStore for PostgresStore {
+    fn reserve(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> {
+        self.reserve_key(key, token, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, StoreError>> {
+        self.renew_key(key, token, fingerprint, lease)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        let mut connection = self.connection().await?;
+        complete_on(&mut connection, &self.inner.sql, key, token, &record, ttl).await
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: ReservationToken,
+    ) -> impl Future<Output = Result<(), StoreError>> {
+        self.release_key(key, token)
+    }
+}
+
+enum Source {
+    Url(String),
+    Pool(PgPool),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The URL may carry a password.
+            Self::Url(_) => f.write_str("Url(..)"),
+            Self::Pool(_) => f.write_str("Pool(..)"),
+        }
+    }
+}
+
+/// Configures a [`PostgresStore`].
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Debug)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    source: Source,
+    table: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+}
+
+impl PostgresStoreBuilder {
+    /// The table the store keeps its rows in: a plain name, optionally schema-qualified
+    /// (`api.idempotency_keys`).
+    ///
+    /// Defaults to `idempotency_keys`.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The most connections the store's own pool opens. Each handler running in an
+    /// [`IdempotentTransaction`] holds one for its whole run; every other store operation
+    /// borrows one for one short statement or two. Ignored for a pool the application passed.
+    ///
+    /// Defaults to 10.
+    pub fn max_connections(mut self, connections: u32) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// How long a store operation waits for a free connection before the request gets the
+    /// store-outage answer. Ignored for a pool the application passed.
+    ///
+    /// Defaults to 1 second.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and builds the store. No connection is made until the first use.
+    ///
+    /// Must run inside a Tokio runtime (the pool starts its upkeep task there).
+    pub fn build(self) -> Result<PostgresStore, StoreError> {
+        if !is_plain_table_name(&self.table) {
+            return Err(StoreError::Corrupt(format!(
+                "{:?} is not a plain table name (letters, digits, _; optionally schema.table)",
+                self.table
+            )));
+        }
+        let pool = match self.source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => PgPoolOptions::new()
+                .max_connections(self.max_connections)
+                .acquire_timeout(self.acquire_timeout)
+                .connect_lazy(&url)
+                .map_err(backend)?,
+        };
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Statements::for_table(&self.table),
+                table: self.table,
+            }),
+        })
+    }
+}
+
+fn backend(error: sqlx::Error) -> StoreError {
+    // Class 53 is "insufficient resources" (disk full, out of memory, too many connections):
+    // a store that cannot take one more request never runs it unprotected.
+    let resources = error
+        .as_database_error()
+        .and_then(|database| database.code())
+        .is_some_and(|code| code.starts_with("53"));
+    if resources {
+        return StoreError::Full(error.to_string());
+    }
+    StoreError::Backend(Box::new(error))
+}
+
+/// The token as Postgres stores it (a `bigint`, same bits).
+fn token_value(token: ReservationToken) -> i64 {
+    i64::from_ne_bytes(token.0.to_ne_bytes())
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.min(LONGEST_LIFETIME).as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,159 @@
+//! The table and the statements of the Postgres store.
+//!
+//! Every deadline is computed on the database's clock (`clock_timestamp()`, which, unlike
+//! `now()`, moves inside a long transaction), so that instances with drifting clocks agree on
+//! when a lease or a record expires. Durations travel as milliseconds.
+
+/// The schema for the default table name, as a migration a team can run with its own tool.
+pub(super) const DEFAULT_SCHEMA: &str =
+    include_str!("../../../migrations/0001_idempotency_keys.sql");
+
+/// The table name every statement is written for.
+pub(super) const DEFAULT_TABLE: &str = "idempotency_keys";
+
+/// A table name accepted as it is: letters, digits and `_`, optionally schema-qualified. It is
+/// written into the statements, so nothing that could be SQL gets through.
+pub(super) fn is_plain_table_name(name: &str) -> bool {
+    let plain = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && !part.starts_with(|c: char| c.is_ascii_digit())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match name.split_once('.') {
+        Some((schema, table)) => plain(schema) && plain(table),
+        None => plain(name),
+    }
+}
+
+/// The statements, written once for the store's table.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) schema: String,
+    /// Claims a free or expired key: $1 key, $2 token, $3 fingerprint, $4 lease ms. A row back
+    /// means acquired.
+    pub(super) claim: String,
+    /// What holds a live key: state, fingerprint, record, remaining lease in ms.
+    pub(super) look: String,
+    /// Extends the reservation of $2 on $1 to $3 ms; a row back says whether it was still live.
+    pub(super) extend: String,
+    /// Completes the reservation of $2 on $1 with record $3 for $4 ms; a row back says
+    /// whether the reservation was still live.
+    pub(super) complete_ours: String,
+    /// Stores record $2 (fingerprint $3) for $4 ms in a free or expired key $1.
+    pub(super) complete_empty: String,
+    /// Whether key $1 holds exactly record $2 (a repeated completion).
+    pub(super) holds_record: String,
+    /// Frees $1 if $2 holds it.
+    pub(super) release: String,
+    /// Deletes up to $1 expired rows.
+    pub(super) expire: String,
+}
+
+/// The migration's statements for `table` (its index named after the table, without schema).
+fn schema_for(table: &str) -> String {
+    let bare = table.rsplit('.').next().unwrap_or(table);
+    DEFAULT_SCHEMA
+        .replace(
+            &format!("{DEFAULT_TABLE}_expires_at"),
+            &format!("{bare}_expires_at"),
+        )
+        .replace(&format!("ON {DEFAULT_TABLE} "), &format!("ON {table} "))
+        .replace(
+            &format!("NOT EXISTS {DEFAULT_TABLE} ("),
+            &format!("NOT EXISTS {table} ("),
+        )
+}
+
+const IN: &str = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
+
+impl Statements {
+    pub(super) fn for_table(table: &str) -> Self {
+        Self {
+            schema: schema_for(table),
+            claim: format!(
+                "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
+                 VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
+                 ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
+                   fingerprint = EXCLUDED.fingerprint, record = NULL, \
+                   lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
+                   created_at = now() \
+                 WHERE r.expires_at <= clock_timestamp() \
+                 RETURNING true"
+            ),
+            look: format!(
+                "SELECT state, fingerprint, record, \
+                   GREATEST(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000, 0)::float8 \
+                 FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
+            extend: format!(
+                "UPDATE {table} AS r SET lease_until = {in3}, expires_at = {in3} \
+                 FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
+                       WHERE key = $1 AND state = 'in_flight' AND token = $2 FOR UPDATE) AS old \
+                 WHERE r.key = old.key RETURNING old.live",
+                in3 = IN.replace("$4", "$3")
+            ),
+            complete_ours: format!(
+                "UPDATE {table} AS r SET state = 'completed', token = NULL, record = $3, \
+                   lease_until = NULL, expires_at = {IN} \
+                 FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
+                       WHERE key = $1 AND state = 'in_flight' AND token = $2 FOR UPDATE) AS old \
+                 WHERE r.key = old.key RETURNING old.live"
+            ),
+            complete_empty: format!(
+                "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
+                 VALUES ($1, 'completed', NULL, $3, $2, NULL, {IN}) \
+                 ON CONFLICT (key) DO UPDATE SET state = 'completed', token = NULL, \
+                   fingerprint = EXCLUDED.fingerprint, record = EXCLUDED.record, \
+                   lease_until = NULL, expires_at = EXCLUDED.expires_at, created_at = now() \
+                 WHERE r.expires_at <= clock_timestamp() \
+                 RETURNING true"
+            ),
+            holds_record: format!(
+                "SELECT record = $2 FROM {table} \
+                 WHERE key = $1 AND state = 'completed' AND expires_at > clock_timestamp()"
+            ),
+            release: format!(
+                "DELETE FROM {table} WHERE key = $1 AND state = 'in_flight' AND token = $2"
+            ),
+            expire: format!(
+                "DELETE FROM {table} WHERE key IN (\
+                   SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
+                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_table_gets_the_same_schema_under_its_name() {
+        assert_eq!(schema_for(DEFAULT_TABLE), DEFAULT_SCHEMA);
+        let other = schema_for("api.keys");
+        assert!(other.contains("CREATE TABLE IF NOT EXISTS api.keys ("));
+        assert!(
+            other.contains("CREATE INDEX IF NOT EXISTS keys_expires_at ON api.keys (expires_at)")
+        );
+        assert!(!other.contains(DEFAULT_TABLE));
+    }
+
+    #[test]
+    fn only_plain_table_names_are_accepted() {
+        for good in ["idempotency_keys", "api.idempotency_keys", "_k2"] {
+            assert!(is_plain_table_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "2keys",
+            "keys; DROP TABLE x",
+            "a.b.c",
+            "\"quoted\"",
+            "a.",
+        ] {
+            assert!(!is_plain_table_name(bad), "{bad}");
+        }
+    }
+}

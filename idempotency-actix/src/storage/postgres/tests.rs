@@ -1,0 +1,173 @@
+use std::{
+    collections::hash_map::RandomState,
+    hash::{BuildHasher, Hasher},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use sqlx::Connection;
+
+use super::*;
+use crate::storage::conformance;
+
+/// The database the tests use, or `None` (with a loud message) when none is reachable and
+/// `IDEMPOTENCY_REQUIRE_POSTGRES` is not `1`.
+pub(crate) async fn test_database_url() -> Option<String> {
+    let url = std::env::var("IDEMPOTENCY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    match PgConnection::connect(&url).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            Some(url)
+        }
+        Err(error) if std::env::var("IDEMPOTENCY_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            panic!("IDEMPOTENCY_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {url}: {error}")
+        }
+        Err(error) => {
+            eprintln!(
+                "\n*** SKIPPED: no PostgreSQL at {url} ({error}); set IDEMPOTENCY_TEST_DATABASE_URL \
+                 to run the PostgreSQL tests ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// A schema of its own for one test, dropped (with its tables) by `drop_schema`.
+async fn fresh_schema(url: &str) -> String {
+    let schema = format!("test_{}", RandomState::new().build_hasher().finish());
+    let mut connection = PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut connection)
+        .await
+        .unwrap_or_else(|e| panic!("create schema: {e}"));
+    schema
+}
+
+async fn drop_schema(url: &str, schema: &str) {
+    if let Ok(mut connection) = PgConnection::connect(url).await {
+        let _ = sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut connection)
+            .await;
+    }
+}
+
+async fn store_on(url: &str, table: &str) -> PostgresStore {
+    let store = PostgresStore::builder(url)
+        .table(table)
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    store
+}
+
+#[actix_rt::test]
+async fn postgres_store_keeps_the_store_contract() {
+    let Some(url) = test_database_url().await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    // One table per case, made beforehand: the suite's factory is not async.
+    let mut stores = Vec::new();
+    for n in 0..16 {
+        stores.push(store_on(&url, &format!("{schema}.keys_{n}")).await);
+    }
+    let next = AtomicU64::new(0);
+    conformance::run_all(|| {
+        let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+        stores
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| panic!("more than {} cases: make more tables", stores.len()))
+    })
+    .await;
+    drop_schema(&url, &schema).await;
+}
+
+#[actix_rt::test]
+async fn expiry_job_deletes_expired_rows_in_batches_and_keeps_live_ones() {
+    let Some(url) = test_database_url().await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let store = store_on(&url, &format!("{schema}.keys")).await;
+    let short = Duration::from_millis(50);
+    for n in 0..25 {
+        let key = format!("expiring-{n}");
+        let token = ReservationToken::generate();
+        let reserved = store
+            .reserve(&key, token, Fingerprint([1; 32]), short)
+            .await;
+        assert!(
+            matches!(reserved, Ok(Reservation::Acquired)),
+            "{reserved:?}"
+        );
+        if n % 2 == 0 {
+            let record = CompletedRecord::new(Fingerprint([1; 32]), None);
+            let completed = store.complete(&key, token, record, short).await;
+            assert!(matches!(completed, Ok(Completion::Stored)), "{completed:?}");
+        }
+    }
+    let live = ReservationToken::generate();
+    let reserved = store
+        .reserve("live", live, Fingerprint([2; 32]), Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(reserved, Ok(Reservation::Acquired)),
+        "{reserved:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let job = store.expiry_job().batch_size(10);
+    assert_eq!(job.run_once().await.ok(), Some(25));
+    assert_eq!(job.run_once().await.ok(), Some(0));
+    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.keys"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    assert_eq!(left, 1, "only the live reservation stays");
+    assert!(matches!(
+        store
+            .reserve(
+                "live",
+                ReservationToken::generate(),
+                Fingerprint([2; 32]),
+                short
+            )
+            .await,
+        Ok(Reservation::InFlight { .. })
+    ));
+    drop_schema(&url, &schema).await;
+}
+
+#[actix_rt::test]
+async fn a_bad_table_name_is_refused_before_any_sql_is_written() {
+    let built = PostgresStore::builder("postgres://nobody@127.0.0.1:1/none")
+        .table("keys; DROP TABLE orders")
+        .build();
+    assert!(matches!(built, Err(StoreError::Corrupt(_))), "{built:?}");
+}
+
+#[actix_rt::test]
+async fn an_unreachable_database_is_a_backend_error_not_a_panic() {
+    let store = PostgresStore::builder("postgres://nobody@127.0.0.1:1/none")
+        .acquire_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    let reserved = store
+        .reserve(
+            "k",
+            ReservationToken::generate(),
+            Fingerprint([1; 32]),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(
+        matches!(reserved, Err(StoreError::Backend(_))),
+        "{reserved:?}"
+    );
+}

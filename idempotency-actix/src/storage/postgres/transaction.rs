@@ -1,0 +1,186 @@
+//! The handler's own transaction, committed together with its key's record.
+
+use std::{
+    ops::{Deref, DerefMut},
+    rc::Rc,
+    time::Duration,
+};
+
+use actix_web::{dev::Payload, FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use super::{backend, complete_on, PostgresStore};
+use crate::{
+    joined::{ActiveReservation, JoinedWork},
+    storage::{CompletedRecord, Completion, ReservationToken},
+    IdempotencyError, StoreError,
+};
+
+/// A database transaction for a keyed handler's own writes, committed together with the
+/// record of its idempotency key: the handler's effects exist if and only if its record does.
+///
+/// It dereferences to a [`PgConnection`], so queries run on it with `&mut *tx`. The handler
+/// neither commits nor rolls back: when it returns a response the middleware stores
+/// (`store_on_statuses`, 2xx and 4xx by default), the record is written in this transaction and
+/// both commit before the response is sent; any other outcome (an error, a 5xx, a panic) rolls
+/// both back and frees the key for a retry.
+///
+/// - **Crash**: a process that dies before the commit leaves neither the handler's rows nor the
+///   record; its reservation (committed apart, when the key was claimed) lapses after the
+///   lease, and a retry then runs once.
+/// - **Duplicates**: a concurrent duplicate finds the committed reservation and waits (a short
+///   query now and then, no connection held) or gets 409; it never runs.
+/// - **A lapsed lease**: if the reservation lapsed and another request took the key before this
+///   one committed, this transaction is rolled back and the client gets 409
+///   [`reservation-lost`](crate::problems#reservation-lost).
+/// - **Isolation**: the transaction starts at the database's default level (READ COMMITTED
+///   unless configured otherwise). A handler may raise it with `SET TRANSACTION ISOLATION LEVEL
+///   ..` as its first statement; under REPEATABLE READ or SERIALIZABLE, a handler that runs
+///   longer than a third of the reservation lease has its reservation renewed by another
+///   transaction, and its commit then fails (503, rolled back): keep the lease well above such
+///   handlers' run time.
+/// - **Connections**: it holds one pooled connection from its extraction until the response
+///   is recorded; size the pool for the handlers that run at once, plus a few for the store's
+///   short statements.
+///
+/// It is available on routes whose policy settles the key before the handler runs
+/// (`#[idempotent]`, `#[idempotency_manual]`, [`IdempotencyPolicy`](crate::IdempotencyPolicy))
+/// and whose store is a [`PostgresStore`]; elsewhere, or for a request that holds no
+/// reservation (an optional key left out, a replay in manual mode), extraction fails with 500
+/// [`misconfigured`](crate::problems#misconfigured). Take `Option<IdempotentTransaction>` to
+/// fall back to a plain transaction then.
+///
+/// ```no_run
+/// use actix_web::{post, web, HttpResponse};
+/// use idempotency_actix::{idempotent, IdempotentTransaction};
+///
+/// #[idempotent]
+/// #[post("/payments")]
+/// async fn pay(mut tx: IdempotentTransaction, body: web::Json<serde_json::Value>) -> HttpResponse {
+///     let inserted = sqlx::query("INSERT INTO payments (body) VALUES ($1)")
+///         .bind(body.to_string())
+///         .execute(&mut *tx)
+///         .await;
+///     match inserted {
+///         Ok(_) => HttpResponse::Created().finish(),
+///         Err(_) => HttpResponse::InternalServerError().finish(),
+///     }
+/// }
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub struct IdempotentTransaction {
+    /// Always `Some` until the value is dropped, when it goes back to the reservation.
+    transaction: Option<Transaction<'static, Postgres>>,
+    reservation: Rc<ActiveReservation>,
+    store: PostgresStore,
+}
+
+impl std::fmt::Debug for IdempotentTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentTransaction")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromRequest for IdempotentTransaction {
+    type Error = IdempotencyError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
+        let reservation = req.extensions().get::<Rc<ActiveReservation>>().cloned();
+        Box::pin(async move {
+            let reservation = reservation.ok_or(IdempotencyError::Misconfigured(
+                "IdempotentTransaction needs a route whose policy settles the key first \
+                 (#[idempotent]) and a request that holds its key",
+            ))?;
+            let store = reservation
+                .store()
+                .downcast_ref::<PostgresStore>()
+                .cloned()
+                .ok_or(IdempotencyError::Misconfigured(
+                    "IdempotentTransaction needs the route's store to be a PostgresStore",
+                ))?;
+            if !reservation.lend() {
+                return Err(IdempotencyError::Misconfigured(
+                    "a request can have one IdempotentTransaction only",
+                ));
+            }
+            match store.pool().begin().await {
+                Ok(transaction) => Ok(Self {
+                    transaction: Some(transaction),
+                    reservation,
+                    store,
+                }),
+                Err(error) => {
+                    drop(reservation.take());
+                    log::error!("idempotency: could not begin a handler's transaction: {error}");
+                    Err(IdempotencyError::StoreUnavailable)
+                }
+            }
+        })
+    }
+}
+
+impl Deref for IdempotentTransaction {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match &self.transaction {
+            Some(transaction) => transaction,
+            None => unreachable!("the transaction leaves only when it is dropped"),
+        }
+    }
+}
+
+impl DerefMut for IdempotentTransaction {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match &mut self.transaction {
+            Some(transaction) => transaction,
+            None => unreachable!("the transaction leaves only when it is dropped"),
+        }
+    }
+}
+
+impl Drop for IdempotentTransaction {
+    fn drop(&mut self) {
+        if let Some(transaction) = self.transaction.take() {
+            self.reservation.give_back(Box::new(Returned {
+                transaction,
+                store: self.store.clone(),
+            }));
+        }
+    }
+}
+
+/// The handler's transaction, handed back to be committed with the record.
+struct Returned {
+    transaction: Transaction<'static, Postgres>,
+    store: PostgresStore,
+}
+
+impl JoinedWork for Returned {
+    fn commit_with_record(
+        self: Box<Self>,
+        key: String,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> LocalBoxFuture<'static, Result<Completion, StoreError>> {
+        let Self {
+            mut transaction,
+            store,
+        } = *self;
+        Box::pin(async move {
+            let sql = &store.inner.sql;
+            let completion = complete_on(&mut transaction, sql, &key, token, &record, ttl).await?;
+            if completion == Completion::LostReservation {
+                transaction.rollback().await.map_err(backend)?;
+            } else {
+                transaction.commit().await.map_err(backend)?;
+            }
+            Ok(completion)
+        })
+    }
+}
