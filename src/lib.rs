@@ -3,6 +3,7 @@
 
 pub mod faulty;
 pub mod orders;
+pub mod postgres;
 pub mod work;
 
 use std::{

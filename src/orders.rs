@@ -7,12 +7,16 @@ use std::{
 };
 
 use actix_web::{get, http::header::ContentType, post, web, HttpResponse};
-use idempotency_actix::{idempotency_exempt, idempotency_manual, idempotent, ManualIdempotency};
+use idempotency_actix::{
+    idempotency_exempt, idempotency_manual, idempotent, IdempotentTransaction, ManualIdempotency,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
 use serde::Deserialize;
 use serde_json::json;
 
-/// Where order ids come from: this process, or a Redis counter shared by every copy.
+/// Where orders are kept: counted in this process, counted in Redis (shared by every copy), or
+/// stored in a Postgres table, each inside its request's idempotency transaction.
 pub enum Orders {
     /// Ids counted in this process.
     Local(AtomicU64),
@@ -23,6 +27,13 @@ pub enum Orders {
         /// The counter's key.
         counter: String,
     },
+    /// Orders as rows of a Postgres table, shared by every copy.
+    Database {
+        /// The pool (the idempotency store's own, so that both share its connections).
+        pool: PgPool,
+        /// The table.
+        table: String,
+    },
 }
 
 impl std::fmt::Debug for Orders {
@@ -32,6 +43,10 @@ impl std::fmt::Debug for Orders {
             Self::Shared { counter, .. } => f
                 .debug_struct("Shared")
                 .field("counter", counter)
+                .finish_non_exhaustive(),
+            Self::Database { table, .. } => f
+                .debug_struct("Database")
+                .field("table", table)
                 .finish_non_exhaustive(),
         }
     }
@@ -62,7 +77,43 @@ impl Orders {
         })
     }
 
-    async fn next_id(&self) -> Option<u64> {
+    /// Orders kept in `table` (created if missing) of the database behind `pool`.
+    pub async fn database(pool: PgPool, table: &str) -> sqlx::Result<Self> {
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (\
+               id bigserial PRIMARY KEY, item jsonb NOT NULL, \
+               created_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .execute(&pool)
+        .await?;
+        Ok(Self::Database {
+            pool,
+            table: table.to_owned(),
+        })
+    }
+
+    /// A new order's id: a row inserted in the handler's idempotency transaction when it has
+    /// one (it commits with the key's record, or not at all), or a counter's next value.
+    async fn next_id(
+        &self,
+        item: &serde_json::Value,
+        transaction: Option<&mut IdempotentTransaction>,
+    ) -> Option<u64> {
+        match self {
+            Self::Database { pool, table } => {
+                let insert = format!("INSERT INTO {table} (item) VALUES ($1) RETURNING id");
+                let query = sqlx::query_scalar::<_, i64>(&insert).bind(item);
+                let id = match transaction {
+                    Some(transaction) => query.fetch_one(&mut **transaction).await,
+                    None => query.fetch_one(pool).await,
+                };
+                id.ok().and_then(|id| u64::try_from(id).ok())
+            }
+            Self::Local(_) | Self::Shared { .. } => self.next_count().await,
+        }
+    }
+
+    async fn next_count(&self) -> Option<u64> {
         match self {
             Self::Local(count) => Some(count.fetch_add(1, Ordering::SeqCst) + 1),
             Self::Shared { redis, counter } => redis::cmd("INCR")
@@ -70,11 +121,19 @@ impl Orders {
                 .query_async(&mut redis.clone())
                 .await
                 .ok(),
+            Self::Database { .. } => None,
         }
     }
 
     async fn count(&self) -> Option<u64> {
         match self {
+            Self::Database { pool, table } => {
+                sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+                    .fetch_one(pool)
+                    .await
+                    .ok()
+                    .and_then(|count| u64::try_from(count).ok())
+            }
             Self::Local(count) => Some(count.load(Ordering::SeqCst)),
             Self::Shared { redis, counter } => redis::cmd("GET")
                 .arg(counter)
@@ -85,8 +144,28 @@ impl Orders {
         }
     }
 
-    async fn create(&self, item: &serde_json::Value) -> HttpResponse {
-        match self.next_id().await {
+    async fn create(
+        &self,
+        item: &serde_json::Value,
+        transaction: Option<IdempotentTransaction>,
+    ) -> HttpResponse {
+        self.create_then_wait(item, transaction, Duration::ZERO)
+            .await
+    }
+
+    /// Creates the order, waits (the order exists but, in a transaction, is not committed),
+    /// then answers.
+    async fn create_then_wait(
+        &self,
+        item: &serde_json::Value,
+        mut transaction: Option<IdempotentTransaction>,
+        wait: Duration,
+    ) -> HttpResponse {
+        let id = self.next_id(item, transaction.as_mut()).await;
+        if !wait.is_zero() {
+            actix_web::rt::time::sleep(wait).await;
+        }
+        match id {
             Some(id) => HttpResponse::Created().json(json!({ "id": id, "item": item })),
             None => {
                 HttpResponse::ServiceUnavailable().json(json!({ "error": "order ids unavailable" }))
@@ -100,10 +179,17 @@ struct NewOrder {
     item: serde_json::Value,
 }
 
+// On Postgres, a keyed order is created in the request's idempotency transaction; on the
+// other stores (and without a key) there is none, and the order is created on its own.
+
 #[idempotent]
 #[post("/orders")]
-async fn create_order(orders: web::Data<Orders>, order: web::Json<NewOrder>) -> HttpResponse {
-    orders.create(&order.item).await
+async fn create_order(
+    orders: web::Data<Orders>,
+    order: web::Json<NewOrder>,
+    transaction: Option<IdempotentTransaction>,
+) -> HttpResponse {
+    orders.create(&order.item, transaction).await
 }
 
 #[idempotent(optional)]
@@ -111,8 +197,9 @@ async fn create_order(orders: web::Data<Orders>, order: web::Json<NewOrder>) -> 
 async fn create_order_optional_key(
     orders: web::Data<Orders>,
     order: web::Json<NewOrder>,
+    transaction: Option<IdempotentTransaction>,
 ) -> HttpResponse {
-    orders.create(&order.item).await
+    orders.create(&order.item, transaction).await
 }
 
 #[idempotency_manual]
@@ -121,6 +208,7 @@ async fn create_order_manually(
     orders: web::Data<Orders>,
     idempotency: ManualIdempotency,
     order: web::Json<NewOrder>,
+    transaction: Option<IdempotentTransaction>,
 ) -> HttpResponse {
     let prior_id = idempotency
         .prior_response()
@@ -129,18 +217,22 @@ async fn create_order_manually(
     match (idempotency.key_exists(), prior_id) {
         (true, Some(id)) => HttpResponse::Ok().json(json!({ "replayed_id": id })),
         (true, None) => HttpResponse::Conflict().json(json!({ "error": "no replayable order" })),
-        (false, _) => orders.create(&order.item).await,
+        (false, _) => orders.create(&order.item, transaction).await,
     }
 }
 
+/// Creates the order first, then takes 300 ms to answer: a crash in between leaves an order
+/// that, on Postgres, was never committed.
 #[idempotent]
 #[post("/orders/slow")]
 async fn create_order_slowly(
     orders: web::Data<Orders>,
     order: web::Json<NewOrder>,
+    transaction: Option<IdempotentTransaction>,
 ) -> HttpResponse {
-    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
-    orders.create(&order.item).await
+    orders
+        .create_then_wait(&order.item, transaction, Duration::from_millis(300))
+        .await
 }
 
 #[idempotent]

@@ -1,0 +1,185 @@
+//! PostgreSQL for the tests: a database of their own, and the demo server as a real process.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use sqlx::{Connection, PgConnection};
+
+/// The server the tests use, or `None` (with a loud message) when none answers and
+/// `IDEMPOTENCY_REQUIRE_POSTGRES` is not `1`.
+pub async fn postgres_url_or_skip(test: &str) -> Option<String> {
+    let url = std::env::var("IDEMPOTENCY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    match PgConnection::connect(&url).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            Some(url)
+        }
+        Err(error) if std::env::var("IDEMPOTENCY_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            panic!("IDEMPOTENCY_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {url}: {error}")
+        }
+        Err(error) => {
+            eprintln!("\n*** SKIPPED {test}: no PostgreSQL at {url} ({error}) ***\n");
+            None
+        }
+    }
+}
+
+/// A database created for one test on the server at `server_url`, dropped (connections and
+/// all) when this is dropped.
+#[derive(Debug)]
+pub struct FreshDatabase {
+    server_url: String,
+    name: String,
+}
+
+impl FreshDatabase {
+    /// Creates it.
+    pub async fn create(server_url: &str, test: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let name = format!(
+            "t_{}_{}_{nanos}",
+            test.chars().take(30).collect::<String>(),
+            std::process::id()
+        )
+        .to_ascii_lowercase()
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        let mut connection = PgConnection::connect(server_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {server_url}: {e}"));
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        Self {
+            server_url: server_url.to_owned(),
+            name,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        match self.server_url.rsplit_once('/') {
+            Some((server, _database)) => format!("{server}/{}", self.name),
+            None => format!("{}/{}", self.server_url, self.name),
+        }
+    }
+
+    /// Runs one statement that returns a number (a count, say).
+    pub async fn number(&self, statement: &str) -> i64 {
+        let mut connection = PgConnection::connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        sqlx::query_scalar(statement)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"))
+    }
+}
+
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        let (server_url, name) = (self.server_url.clone(), self.name.clone());
+        // Drop cannot await: a thread with a runtime of its own drops the database.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut connection = PgConnection::connect(&server_url)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut connection)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// `cargo run --example orders` as a real process (the binary `cargo test` built), with the
+/// given environment, on a free port; killed with SIGKILL when dropped.
+#[derive(Debug)]
+pub struct DemoProcess {
+    child: Child,
+    address: String,
+}
+
+impl DemoProcess {
+    /// Starts it and waits until it listens.
+    pub fn start(environment: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(demo_binary());
+        command
+            .env("BIND", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .envs(environment.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("the demo server: {e}"));
+        let stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("the demo server has no stdout"));
+        let mut lines = BufReader::new(stdout).lines();
+        let address = lines
+            .find_map(|line| {
+                line.ok()?
+                    .strip_prefix("listening on http://")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("the demo server stopped before it listened"));
+        Self { child, address }
+    }
+
+    /// The URL of `path` on it.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Kills it with SIGKILL: no shutdown, no cleanup.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The example binary next to the test binaries (`cargo test` builds the examples), built
+/// first if it is missing (a single test run with `--test`).
+fn demo_binary() -> PathBuf {
+    let built = std::env::current_exe()
+        .ok()
+        .and_then(|test| Some(test.parent()?.parent()?.join("examples/orders")))
+        .unwrap_or_else(|| PathBuf::from("target/debug/examples/orders"));
+    if !built.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "--example", "orders"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status();
+        assert!(
+            status.is_ok_and(|status| status.success()),
+            "could not build the demo server"
+        );
+    }
+    built
+}

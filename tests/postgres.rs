@@ -1,0 +1,337 @@
+//! PostgresStore end to end: the handler's writes commit with its record, over real
+//! connections, across two servers, and across a SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{http::StatusCode, post, web, App, HttpResponse};
+use futures_util::future::join_all;
+use idempotency_actix::{
+    idempotent, IdempotencyMiddleware, IdempotentTransaction, MemoryStore, PostgresStore,
+};
+use idempotency_actix_workspace::{
+    orders::{routes, Orders},
+    post_keyed,
+    postgres::{postgres_url_or_skip, DemoProcess, FreshDatabase},
+    work::fresh_client,
+    Received, Runs, TestServer,
+};
+use serde_json::json;
+
+const ORDER: &str = r#"{"item":"book"}"#;
+
+async fn store_in(database: &FreshDatabase) -> PostgresStore {
+    let store = PostgresStore::builder(&database.url())
+        .max_connections(20)
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    store
+}
+
+async fn demo_server(store: PostgresStore) -> TestServer {
+    let orders = Orders::database(store.pool().clone(), "demo_orders")
+        .await
+        .unwrap_or_else(|e| panic!("orders table: {e}"));
+    let orders = web::Data::new(orders);
+    let idempotency = IdempotencyMiddleware::new(store);
+    TestServer::start(2, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .configure(routes(orders.clone()))
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
+async fn count(server_or_process_url: &str) -> u64 {
+    let answer = fresh_client()
+        .get(server_or_process_url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    body["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count in {body}"))
+}
+
+/// Twenty concurrent requests with one key, spread over two servers on one database, create
+/// one order; every later retry, on either server, replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_on_two_servers_create_one_order() {
+    let test = "duplicates_on_two_servers_create_one_order";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = store_in(&database).await;
+    let servers = [
+        demo_server(store.clone()).await,
+        demo_server(store.clone()).await,
+    ];
+
+    let answers: Vec<Received> = join_all((0..20).map(|n| {
+        let url = servers[n % 2].url("/orders/slow");
+        async move { post_keyed(&fresh_client(), &url, "one-order", ORDER).await }
+    }))
+    .await;
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED && !a.is_replay())
+        .collect();
+    assert_eq!(created.len(), 1, "one request runs: {answers:?}");
+    for answer in &answers {
+        assert!(
+            answer.status == StatusCode::CREATED || answer.status == StatusCode::CONFLICT,
+            "{answer:?}"
+        );
+    }
+    for server in &servers {
+        let replay = post_keyed(&fresh_client(), &server.url("/orders/slow"), "one-order", ORDER).await;
+        assert!(replay.is_replay(), "{replay:?}");
+        assert_eq!(replay.body, created[0].body);
+        assert_eq!(count(&server.url("/orders/count")).await, 1);
+    }
+    assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
+}
+
+#[derive(Clone)]
+struct Effects {
+    runs: Runs,
+    fail_first: bool,
+    wait: Duration,
+}
+
+/// Writes one row in the request's transaction, waits, then answers: 500 on the first run
+/// when told to, 201 otherwise.
+#[idempotent]
+#[post("/effects")]
+async fn write_effect(effects: web::Data<Effects>, mut tx: IdempotentTransaction) -> HttpResponse {
+    let run = effects.runs.record();
+    let inserted = sqlx::query("INSERT INTO effects (run) VALUES ($1)")
+        .bind(i64::try_from(run).unwrap_or_default())
+        .execute(&mut *tx)
+        .await;
+    if let Err(error) = inserted {
+        return HttpResponse::InternalServerError().body(error.to_string());
+    }
+    actix_web::rt::time::sleep(effects.wait).await;
+    if effects.fail_first && run == 1 {
+        return HttpResponse::InternalServerError().body("the first run fails");
+    }
+    HttpResponse::Created().json(json!({ "run": run }))
+}
+
+async fn effects_server(
+    database: &FreshDatabase,
+    effects: Effects,
+) -> (TestServer, PostgresStore) {
+    let store = store_in(database).await;
+    sqlx::raw_sql("CREATE TABLE effects (run bigint NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("effects table: {e}"));
+    let idempotency = IdempotencyMiddleware::new(store.clone());
+    let effects = web::Data::new(effects);
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(effects.clone())
+            .service(write_effect)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+    (server, store)
+}
+
+/// A handler that fails after writing leaves nothing behind, and its key free: the retry runs
+/// and commits once; the next retry is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handler_rolls_back_its_writes_and_frees_its_key() {
+    let test = "a_failed_handler_rolls_back_its_writes";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let effects = Effects {
+        runs: Runs::default(),
+        fail_first: true,
+        wait: Duration::ZERO,
+    };
+    let (server, _store) = effects_server(&database, effects.clone()).await;
+    let rows = || database.number("SELECT count(*) FROM effects");
+
+    let failed = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR, "{failed:?}");
+    assert_eq!(rows().await, 0, "the failed run's row was rolled back");
+
+    let retried = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    assert_eq!(retried.json(), json!({ "run": 2 }));
+    assert_eq!(rows().await, 1);
+
+    let replay = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(replay.json(), json!({ "run": 2 }));
+    assert_eq!(effects.runs.count(), 2);
+    assert_eq!(rows().await, 1);
+}
+
+/// A handler whose key was taken over while it ran (its reservation lapsed and another
+/// request claimed the key) commits nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_whose_key_was_taken_over_commits_nothing() {
+    let test = "a_handler_whose_key_was_taken_over";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let effects = Effects {
+        runs: Runs::default(),
+        fail_first: false,
+        wait: Duration::from_millis(400),
+    };
+    let (server, store) = effects_server(&database, effects).await;
+
+    let running = tokio::spawn({
+        let url = server.url("/effects");
+        async move { post_keyed(&fresh_client(), &url, "k", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // What another instance does after the lease lapsed: the key now has another owner.
+    let taken = sqlx::query("UPDATE idempotency_keys SET token = 42 WHERE state = 'in_flight'")
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("take over: {e}"))
+        .rows_affected();
+    assert_eq!(taken, 1, "the handler's reservation is a committed row");
+
+    let answer = running.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+    assert_eq!(
+        answer.problem_type().as_deref(),
+        Some("https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#reservation-lost")
+    );
+    assert_eq!(database.number("SELECT count(*) FROM effects").await, 0);
+}
+
+/// Where the key is not settled before the handler runs, or the store is not Postgres, the
+/// extractor refuses instead of handing out a transaction nobody commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_outside_a_settled_postgres_key_is_refused() {
+    let effects = web::Data::new(Effects {
+        runs: Runs::default(),
+        fail_first: false,
+        wait: Duration::ZERO,
+    });
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .app_data(effects.clone())
+            .service(write_effect)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+    let answer = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        answer
+            .problem_type()
+            .is_some_and(|kind| kind.ends_with("#misconfigured")),
+        "{answer:?}"
+    );
+}
+
+/// The demo as a real process on Postgres, killed with SIGKILL after its handler inserted the
+/// order but before it committed: after a restart the retry runs once, and one order exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
+    let test = "a_crash_mid_handler";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let lease = Duration::from_millis(1000);
+    let environment = [
+        ("IDEMPOTENCY_DATABASE_URL", database.url()),
+        ("IDEMPOTENCY_LEASE_MS", lease.as_millis().to_string()),
+    ];
+    let environment: Vec<(&str, &str)> = environment
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let mut doomed = DemoProcess::start(&environment);
+
+    let lost = tokio::spawn({
+        let url = doomed.url("/orders/slow");
+        async move {
+            let _ = fresh_client()
+                .post(url)
+                .header("Idempotency-Key", "crash")
+                .header("content-type", "application/json")
+                .body(ORDER)
+                .send()
+                .await;
+        }
+    });
+    // The handler inserts first, then waits 300 ms: wait until the insert has happened (a
+    // sequence moves outside transactions), then kill.
+    let inserted = Instant::now();
+    while database
+        .number("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM demo_orders_id_seq")
+        .await
+        == 0
+    {
+        assert!(inserted.elapsed() < Duration::from_secs(5), "the handler never inserted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.kill();
+    let _ = lost.await;
+    assert_eq!(
+        database.number("SELECT count(*) FROM demo_orders").await,
+        0,
+        "the uncommitted order died with the process"
+    );
+
+    let restarted = DemoProcess::start(&environment);
+    let killed = Instant::now();
+    let retried = loop {
+        let retry = post_keyed(&fresh_client(), &restarted.url("/orders/slow"), "crash", ORDER).await;
+        if retry.status != StatusCode::CONFLICT {
+            break retry;
+        }
+        assert!(killed.elapsed() < lease * 5, "the key was never freed: {retry:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    assert!(!retried.is_replay());
+    let replay = post_keyed(&fresh_client(), &restarted.url("/orders/slow"), "crash", ORDER).await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(replay.body, retried.body);
+    assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
+    assert_eq!(count(&restarted.url("/orders/count")).await, 1);
+}
+
+/// Killed right after answering: the retry after the restart is a replay, and no second order
+/// is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_completed_request_replays_after_the_restart() {
+    let test = "a_crash_after_a_completed_request";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let database_url = database.url();
+    let environment = [("IDEMPOTENCY_DATABASE_URL", database_url.as_str())];
+    let mut first = DemoProcess::start(&environment);
+    let created = post_keyed(&fresh_client(), &first.url("/orders"), "done", ORDER).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    first.kill();
+
+    let restarted = DemoProcess::start(&environment);
+    let replay = post_keyed(&fresh_client(), &restarted.url("/orders"), "done", ORDER).await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.body, created.body);
+    assert_eq!(count(&restarted.url("/orders/count")).await, 1);
+}
