@@ -2,18 +2,22 @@
 //! same routes.
 
 use std::{
+    io::Write,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use actix_web::{get, http::header::ContentType, post, web, HttpResponse};
+use actix_web::{
+    get, http::header::ContentType, middleware::Logger, post, web, App, HttpResponse, HttpServer,
+};
 use idempotency_actix::{
-    idempotency_exempt, idempotency_manual, idempotent, IdempotentTransaction, ManualIdempotency,
+    idempotency_exempt, idempotency_manual, idempotent, IdempotencyMiddleware, IdempotencyStore,
+    IdempotentTransaction, ManualIdempotency, MemoryStore, PostgresStore, RedisStore,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sqlx::PgPool;
 use serde::Deserialize;
 use serde_json::json;
+use sqlx::PgPool;
 
 /// Where orders are kept: counted in this process, counted in Redis (shared by every copy), or
 /// stored in a Postgres table, each inside its request's idempotency transaction.
@@ -286,4 +290,65 @@ pub fn routes(orders: web::Data<Orders>) -> impl FnOnce(&mut web::ServiceConfig)
             .service(create_note)
             .service(count_orders);
     }
+}
+
+/// The demo server, configured from the environment, on `bind`: the in-memory store; on
+/// PostgreSQL when `IDEMPOTENCY_DATABASE_URL` is set (orders are rows created in each
+/// request's idempotency transaction); on Redis when `IDEMPOTENCY_REDIS_URL` is set.
+/// `IDEMPOTENCY_LEASE_MS` sets the reservation lease. Prints `listening on http://ADDRESS`,
+/// then serves until stopped.
+pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
+    // One store and one order counter for every worker: built here, outside the factory.
+    let database = std::env::var("IDEMPOTENCY_DATABASE_URL").ok();
+    let redis = std::env::var("IDEMPOTENCY_REDIS_URL").ok();
+    let (idempotency, orders) = if let Some(url) = database {
+        let store = PostgresStore::builder(&url)
+            .build()
+            .map_err(std::io::Error::other)?;
+        store.ensure_schema().await.map_err(std::io::Error::other)?;
+        actix_web::rt::spawn(store.expiry_job().run());
+        let orders = Orders::database(store.pool().clone(), "demo_orders")
+            .await
+            .map_err(std::io::Error::other)?;
+        println!("idempotency store: PostgreSQL");
+        (middleware(store)?, orders)
+    } else if let Some(url) = redis {
+        let store = RedisStore::builder(&url)
+            .key_prefix("orders-demo:idempotency:")
+            .build()
+            .map_err(std::io::Error::other)?;
+        let orders = Orders::shared(&url, "orders-demo:next-order-id")
+            .await
+            .map_err(std::io::Error::other)?;
+        println!("idempotency store: Redis at {url}");
+        (middleware(store)?, orders)
+    } else {
+        println!("idempotency store: in memory");
+        (middleware(MemoryStore::default())?, Orders::default())
+    };
+    let orders = web::Data::new(orders);
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .wrap(Logger::default())
+            .configure(routes(orders.clone()))
+    })
+    .bind(bind)?;
+    for address in server.addrs() {
+        println!("listening on http://{address}");
+    }
+    std::io::stdout().flush()?;
+    server.run().await
+}
+
+/// The middleware on `store`, with the lease from `IDEMPOTENCY_LEASE_MS` if set.
+fn middleware(store: impl IdempotencyStore) -> std::io::Result<IdempotencyMiddleware> {
+    let mut builder = IdempotencyMiddleware::builder(store);
+    if let Ok(lease) = std::env::var("IDEMPOTENCY_LEASE_MS") {
+        let lease = lease.parse().map_err(|_| {
+            std::io::Error::other(format!("IDEMPOTENCY_LEASE_MS={lease} is not milliseconds"))
+        })?;
+        builder = builder.reservation_lease(Duration::from_millis(lease));
+    }
+    builder.build().map_err(std::io::Error::other)
 }

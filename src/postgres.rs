@@ -2,7 +2,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
 };
 
@@ -104,13 +103,17 @@ impl Drop for FreshDatabase {
         })
         .join();
         if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop the test database {}: {dropped:?}", self.name);
+            eprintln!(
+                "could not drop the test database {}: {dropped:?}",
+                self.name
+            );
         }
     }
 }
 
-/// `cargo run --example orders` as a real process (the binary `cargo test` built), with the
-/// given environment, on a free port; killed with SIGKILL when dropped.
+/// The demo server of `cargo run --example orders` as a real process (the `orders_demo` binary,
+/// `env!("CARGO_BIN_EXE_orders_demo")` in a test), with the given environment, on a free port;
+/// killed with SIGKILL when dropped.
 #[derive(Debug)]
 pub struct DemoProcess {
     child: Child,
@@ -119,8 +122,8 @@ pub struct DemoProcess {
 
 impl DemoProcess {
     /// Starts it and waits until it listens.
-    pub fn start(environment: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(demo_binary());
+    pub fn start(binary: &str, environment: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary);
         command
             .env("BIND", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
@@ -161,25 +164,4 @@ impl Drop for DemoProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// The example binary next to the test binaries (`cargo test` builds the examples), built
-/// first if it is missing (a single test run with `--test`).
-fn demo_binary() -> PathBuf {
-    let built = std::env::current_exe()
-        .ok()
-        .and_then(|test| Some(test.parent()?.parent()?.join("examples/orders")))
-        .unwrap_or_else(|| PathBuf::from("target/debug/examples/orders"));
-    if !built.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "orders"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status();
-        assert!(
-            status.is_ok_and(|status| status.success()),
-            "could not build the demo server"
-        );
-    }
-    built
 }

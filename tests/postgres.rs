@@ -18,6 +18,7 @@ use idempotency_actix_workspace::{
 use serde_json::json;
 
 const ORDER: &str = r#"{"item":"book"}"#;
+const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
 
 async fn store_in(database: &FreshDatabase) -> PostgresStore {
     let store = PostgresStore::builder(&database.url())
@@ -89,7 +90,13 @@ async fn duplicates_on_two_servers_create_one_order() {
         );
     }
     for server in &servers {
-        let replay = post_keyed(&fresh_client(), &server.url("/orders/slow"), "one-order", ORDER).await;
+        let replay = post_keyed(
+            &fresh_client(),
+            &server.url("/orders/slow"),
+            "one-order",
+            ORDER,
+        )
+        .await;
         assert!(replay.is_replay(), "{replay:?}");
         assert_eq!(replay.body, created[0].body);
         assert_eq!(count(&server.url("/orders/count")).await, 1);
@@ -124,10 +131,7 @@ async fn write_effect(effects: web::Data<Effects>, mut tx: IdempotentTransaction
     HttpResponse::Created().json(json!({ "run": run }))
 }
 
-async fn effects_server(
-    database: &FreshDatabase,
-    effects: Effects,
-) -> (TestServer, PostgresStore) {
+async fn effects_server(database: &FreshDatabase, effects: Effects) -> (TestServer, PostgresStore) {
     let store = store_in(database).await;
     sqlx::raw_sql("CREATE TABLE effects (run bigint NOT NULL)")
         .execute(store.pool())
@@ -163,7 +167,11 @@ async fn a_failed_handler_rolls_back_its_writes_and_frees_its_key() {
     let rows = || database.number("SELECT count(*) FROM effects");
 
     let failed = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
-    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR, "{failed:?}");
+    assert_eq!(
+        failed.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{failed:?}"
+    );
     assert_eq!(rows().await, 0, "the failed run's row was rolled back");
 
     let retried = post_keyed(&fresh_client(), &server.url("/effects"), "k", "{}").await;
@@ -211,7 +219,9 @@ async fn a_handler_whose_key_was_taken_over_commits_nothing() {
     assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
     assert_eq!(
         answer.problem_type().as_deref(),
-        Some("https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#reservation-lost")
+        Some(
+            "https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#reservation-lost"
+        )
     );
     assert_eq!(database.number("SELECT count(*) FROM effects").await, 0);
 }
@@ -260,7 +270,7 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
         .iter()
         .map(|(name, value)| (*name, value.as_str()))
         .collect();
-    let mut doomed = DemoProcess::start(&environment);
+    let mut doomed = DemoProcess::start(DEMO, &environment);
 
     let lost = tokio::spawn({
         let url = doomed.url("/orders/slow");
@@ -282,7 +292,10 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
         .await
         == 0
     {
-        assert!(inserted.elapsed() < Duration::from_secs(5), "the handler never inserted");
+        assert!(
+            inserted.elapsed() < Duration::from_secs(5),
+            "the handler never inserted"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     doomed.kill();
@@ -293,19 +306,34 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
         "the uncommitted order died with the process"
     );
 
-    let restarted = DemoProcess::start(&environment);
+    let restarted = DemoProcess::start(DEMO, &environment);
     let killed = Instant::now();
     let retried = loop {
-        let retry = post_keyed(&fresh_client(), &restarted.url("/orders/slow"), "crash", ORDER).await;
+        let retry = post_keyed(
+            &fresh_client(),
+            &restarted.url("/orders/slow"),
+            "crash",
+            ORDER,
+        )
+        .await;
         if retry.status != StatusCode::CONFLICT {
             break retry;
         }
-        assert!(killed.elapsed() < lease * 5, "the key was never freed: {retry:?}");
+        assert!(
+            killed.elapsed() < lease * 5,
+            "the key was never freed: {retry:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
     assert!(!retried.is_replay());
-    let replay = post_keyed(&fresh_client(), &restarted.url("/orders/slow"), "crash", ORDER).await;
+    let replay = post_keyed(
+        &fresh_client(),
+        &restarted.url("/orders/slow"),
+        "crash",
+        ORDER,
+    )
+    .await;
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.body, retried.body);
     assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
@@ -323,12 +351,12 @@ async fn a_crash_after_a_completed_request_replays_after_the_restart() {
     let database = FreshDatabase::create(&url, test).await;
     let database_url = database.url();
     let environment = [("IDEMPOTENCY_DATABASE_URL", database_url.as_str())];
-    let mut first = DemoProcess::start(&environment);
+    let mut first = DemoProcess::start(DEMO, &environment);
     let created = post_keyed(&fresh_client(), &first.url("/orders"), "done", ORDER).await;
     assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
     first.kill();
 
-    let restarted = DemoProcess::start(&environment);
+    let restarted = DemoProcess::start(DEMO, &environment);
     let replay = post_keyed(&fresh_client(), &restarted.url("/orders"), "done", ORDER).await;
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.status, StatusCode::CREATED);
