@@ -3,7 +3,11 @@
 
 pub mod faulty;
 pub mod orders;
+#[path = "../idempotency-actix/src/storage/redis/private_cluster.rs"]
+mod private_cluster;
 pub mod work;
+
+pub use private_cluster::PrivateRedisCluster;
 
 use std::{
     fmt,
