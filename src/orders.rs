@@ -8,11 +8,16 @@ use std::{
 
 use actix_web::{get, http::header::ContentType, post, web, HttpResponse};
 use idempotency_actix::{idempotency_exempt, idempotency_manual, idempotent, ManualIdempotency};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+};
 use serde::Deserialize;
 use serde_json::json;
 
-/// Where order ids come from: this process, or a Redis counter shared by every copy.
+/// Where order ids come from: this process, or a Redis (or Redis Cluster) counter shared by
+/// every copy.
 pub enum Orders {
     /// Ids counted in this process.
     Local(AtomicU64),
@@ -20,6 +25,13 @@ pub enum Orders {
     Shared {
         /// The connection.
         redis: ConnectionManager,
+        /// The counter's key.
+        counter: String,
+    },
+    /// Ids counted in a Redis Cluster, on the node that owns the counter's key.
+    Cluster {
+        /// The cluster connection.
+        redis: ClusterConnection,
         /// The counter's key.
         counter: String,
     },
@@ -31,6 +43,10 @@ impl std::fmt::Debug for Orders {
             Self::Local(count) => f.debug_tuple("Local").field(count).finish(),
             Self::Shared { counter, .. } => f
                 .debug_struct("Shared")
+                .field("counter", counter)
+                .finish_non_exhaustive(),
+            Self::Cluster { counter, .. } => f
+                .debug_struct("Cluster")
                 .field("counter", counter)
                 .finish_non_exhaustive(),
         }
@@ -62,26 +78,40 @@ impl Orders {
         })
     }
 
+    /// Ids shared through the Redis Cluster that the nodes at `urls` belong to, counted under
+    /// `counter`, with the same timeouts as [`Orders::shared`].
+    pub async fn shared_in_cluster<S: AsRef<str>>(
+        urls: &[S],
+        counter: &str,
+    ) -> redis::RedisResult<Self> {
+        let redis = ClusterClientBuilder::new(urls.iter().map(AsRef::as_ref))
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(1))
+            .retries(3)
+            .min_retry_wait(5)
+            .max_retry_wait(100)
+            .build()?
+            .get_async_connection()
+            .await?;
+        Ok(Self::Cluster {
+            redis,
+            counter: counter.to_owned(),
+        })
+    }
+
     async fn next_id(&self) -> Option<u64> {
         match self {
             Self::Local(count) => Some(count.fetch_add(1, Ordering::SeqCst) + 1),
-            Self::Shared { redis, counter } => redis::cmd("INCR")
-                .arg(counter)
-                .query_async(&mut redis.clone())
-                .await
-                .ok(),
+            Self::Shared { redis, counter } => increment(&mut redis.clone(), counter).await,
+            Self::Cluster { redis, counter } => increment(&mut redis.clone(), counter).await,
         }
     }
 
     async fn count(&self) -> Option<u64> {
         match self {
             Self::Local(count) => Some(count.load(Ordering::SeqCst)),
-            Self::Shared { redis, counter } => redis::cmd("GET")
-                .arg(counter)
-                .query_async::<Option<u64>>(&mut redis.clone())
-                .await
-                .ok()
-                .map(Option::unwrap_or_default),
+            Self::Shared { redis, counter } => read(&mut redis.clone(), counter).await,
+            Self::Cluster { redis, counter } => read(&mut redis.clone(), counter).await,
         }
     }
 
@@ -93,6 +123,19 @@ impl Orders {
             }
         }
     }
+}
+
+async fn increment(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {
+    redis::cmd("INCR").arg(counter).query_async(redis).await.ok()
+}
+
+async fn read(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {
+    redis::cmd("GET")
+        .arg(counter)
+        .query_async::<Option<u64>>(redis)
+        .await
+        .ok()
+        .map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Deserialize)]
