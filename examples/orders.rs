@@ -55,7 +55,10 @@ async fn main() -> std::io::Result<()> {
 
 /// The store and the order counter on the Redis Cluster whose nodes are listed in `urls`.
 async fn on_redis_cluster(urls: &str) -> std::io::Result<(IdempotencyMiddleware, Orders)> {
-    let urls: Vec<&str> = urls.split(',').filter(|url| !url.trim().is_empty()).collect();
+    let urls: Vec<&str> = urls
+        .split(',')
+        .filter(|url| !url.trim().is_empty())
+        .collect();
     let store = RedisStore::cluster_builder(&urls)
         .key_prefix("orders-demo:idempotency:")
         .build()

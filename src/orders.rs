@@ -126,7 +126,11 @@ impl Orders {
 }
 
 async fn increment(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {
-    redis::cmd("INCR").arg(counter).query_async(redis).await.ok()
+    redis::cmd("INCR")
+        .arg(counter)
+        .query_async(redis)
+        .await
+        .ok()
 }
 
 async fn read(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {

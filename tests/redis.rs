@@ -478,7 +478,13 @@ async fn duplicates_are_answered_as_soon_as_the_first_finishes(redis: &SharedRed
     let urls = || [first.url("/orders"), second.url("/orders")];
     // Warm up: connections, scripts and the subscriber of both instances.
     duplicate_lag(&client, urls(), "warm-up-1", 1).await;
-    duplicate_lag(&client, [second.url("/orders"), first.url("/orders")], "warm-up-2", 1).await;
+    duplicate_lag(
+        &client,
+        [second.url("/orders"), first.url("/orders")],
+        "warm-up-2",
+        1,
+    )
+    .await;
 
     const DUPLICATES: usize = 3;
     let mut monitor = Monitor::start(redis).await;

@@ -210,9 +210,10 @@ impl Operation {
             }
             // A store that wakes waiters is asked again when its bound or the owner's lease
             // runs out (an owner that died wakes nobody); any other store is polled.
-            let within = self.store.longest_notified_wait().map_or(wait, |longest| {
-                longest.min(remaining_lease.max(FIRST_WAIT))
-            });
+            let within = self
+                .store
+                .longest_notified_wait()
+                .map_or(wait, |longest| longest.min(remaining_lease.max(FIRST_WAIT)));
             self.store
                 .wait_for_change(&self.storage_key, within.min(left))
                 .await;

@@ -751,7 +751,11 @@ mod tests {
             let owner = acquire(ending).await;
             let waiters: Vec<_> = (0..3).map(|_| waiting(ending)).collect();
             actix_rt::time::sleep(Duration::from_millis(200)).await;
-            assert_eq!(store.inner.changes.channels(), 1, "one subscription per key");
+            assert_eq!(
+                store.inner.changes.channels(),
+                1,
+                "one subscription per key"
+            );
             let ended_at = Instant::now();
             if ending == "complete" {
                 let stored = store.complete(ending, owner, record(), lease * 2).await;
@@ -786,7 +790,11 @@ mod tests {
             }
             actix_rt::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(store.inner.changes.channels(), 0, "idle keys are unsubscribed");
+        assert_eq!(
+            store.inner.changes.channels(),
+            0,
+            "idle keys are unsubscribed"
+        );
     }
 
     #[actix_rt::test]
@@ -816,8 +824,8 @@ mod tests {
         let nobody = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .unwrap_or_else(|e| panic!("{e}"));
-        let store = RedisStore::new(&format!("redis://{nobody}"))
-            .unwrap_or_else(|e| panic!("store: {e}"));
+        let store =
+            RedisStore::new(&format!("redis://{nobody}")).unwrap_or_else(|e| panic!("store: {e}"));
         assert_eq!(store.longest_notified_wait(), Some(NOTIFIED_WAIT));
         let started = Instant::now();
         store.wait_for_change("k", Duration::from_secs(10)).await;

@@ -115,7 +115,11 @@ impl Changes {
         Ok(())
     }
 
-    async fn subscriber(&self, target: &Target, timeouts: Timeouts) -> Result<Connection, StoreError> {
+    async fn subscriber(
+        &self,
+        target: &Target,
+        timeouts: Timeouts,
+    ) -> Result<Connection, StoreError> {
         let waiting = Arc::clone(&self.waiting);
         let pushes = move |push: PushInfo| {
             waiting.deliver(&push);

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use redis::{
     aio::{AsyncPushSender, ConnectionLike, ConnectionManager, ConnectionManagerConfig},
-    Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion,
-    RedisFuture, RedisResult, Value,
+    Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture,
+    RedisResult, Value,
 };
 
 /// A connection to the store's Redis: commands on one key go to the node that owns the key.
