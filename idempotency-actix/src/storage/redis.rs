@@ -108,10 +108,10 @@ const COMPLETED: u8 = b'c';
 ///
 /// # Redis Cluster
 ///
-/// With the `redis-cluster` feature, [`RedisStore::cluster`] and
-/// [`RedisStore::cluster_builder`] make the same store on a Redis Cluster: each script runs on
-/// the node that owns its key's hash slot (every operation touches that one key), following
-/// `MOVED` and `ASK` redirections as slots move.
+/// With the `redis-cluster` feature, `RedisStore::cluster` and `RedisStore::cluster_builder`
+/// make the same store on a Redis Cluster: each script runs on the node that owns its key's
+/// hash slot (every operation touches that one key), following `MOVED` and `ASK` redirections
+/// as slots move.
 ///
 /// # Waiting duplicates are woken
 ///
