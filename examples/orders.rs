@@ -1,7 +1,8 @@
 //! The demo server: an order API in enforce mode, on the in-memory store; on PostgreSQL when
 //! `IDEMPOTENCY_DATABASE_URL` is set (orders are rows created in each request's idempotency
-//! transaction); or on Redis when `IDEMPOTENCY_REDIS_URL` is set. On either of those, several
-//! copies on several ports behave as one server. `IDEMPOTENCY_LEASE_MS` sets the reservation
+//! transaction); on a Redis Cluster when `IDEMPOTENCY_REDIS_CLUSTER_URLS=redis://h:p,..` is set;
+//! or on Redis when `IDEMPOTENCY_REDIS_URL` is set. On any of those, several copies on several
+//! ports behave as one server. `IDEMPOTENCY_LEASE_MS` sets the reservation
 //! lease (how soon a crashed request's key is free again).
 //!
 //! The routes and the set-up are in `src/orders.rs`, shared with the tests, which also run this

@@ -4,7 +4,11 @@
 pub mod faulty;
 pub mod orders;
 pub mod postgres;
+#[path = "../idempotency-actix/src/storage/redis/private_cluster.rs"]
+mod private_cluster;
 pub mod work;
+
+pub use private_cluster::PrivateRedisCluster;
 
 use std::{
     fmt,

@@ -14,13 +14,18 @@ use idempotency_actix::{
     idempotency_exempt, idempotency_manual, idempotent, IdempotencyMiddleware, IdempotencyStore,
     IdempotentTransaction, ManualIdempotency, MemoryStore, PostgresStore, RedisStore,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
-/// Where orders are kept: counted in this process, counted in Redis (shared by every copy), or
-/// stored in a Postgres table, each inside its request's idempotency transaction.
+/// Where orders are kept: counted in this process, counted in Redis or a Redis Cluster (shared
+/// by every copy), or stored in a Postgres table, each inside its request's idempotency
+/// transaction.
 pub enum Orders {
     /// Ids counted in this process.
     Local(AtomicU64),
@@ -28,6 +33,13 @@ pub enum Orders {
     Shared {
         /// The connection.
         redis: ConnectionManager,
+        /// The counter's key.
+        counter: String,
+    },
+    /// Ids counted in a Redis Cluster, on the node that owns the counter's key.
+    Cluster {
+        /// The cluster connection.
+        redis: ClusterConnection,
         /// The counter's key.
         counter: String,
     },
@@ -46,6 +58,10 @@ impl std::fmt::Debug for Orders {
             Self::Local(count) => f.debug_tuple("Local").field(count).finish(),
             Self::Shared { counter, .. } => f
                 .debug_struct("Shared")
+                .field("counter", counter)
+                .finish_non_exhaustive(),
+            Self::Cluster { counter, .. } => f
+                .debug_struct("Cluster")
                 .field("counter", counter)
                 .finish_non_exhaustive(),
             Self::Database { table, .. } => f
@@ -76,6 +92,27 @@ impl Orders {
             .set_max_delay(100);
         let redis = ConnectionManager::new_with_config(redis::Client::open(url)?, settings).await?;
         Ok(Self::Shared {
+            redis,
+            counter: counter.to_owned(),
+        })
+    }
+
+    /// Ids shared through the Redis Cluster that the nodes at `urls` belong to, counted under
+    /// `counter`, with the same timeouts as [`Orders::shared`].
+    pub async fn shared_in_cluster<S: AsRef<str>>(
+        urls: &[S],
+        counter: &str,
+    ) -> redis::RedisResult<Self> {
+        let redis = ClusterClientBuilder::new(urls.iter().map(AsRef::as_ref))
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(1))
+            .retries(3)
+            .min_retry_wait(5)
+            .max_retry_wait(100)
+            .build()?
+            .get_async_connection()
+            .await?;
+        Ok(Self::Cluster {
             redis,
             counter: counter.to_owned(),
         })
@@ -113,19 +150,9 @@ impl Orders {
                 };
                 id.ok().and_then(|id| u64::try_from(id).ok())
             }
-            Self::Local(_) | Self::Shared { .. } => self.next_count().await,
-        }
-    }
-
-    async fn next_count(&self) -> Option<u64> {
-        match self {
             Self::Local(count) => Some(count.fetch_add(1, Ordering::SeqCst) + 1),
-            Self::Shared { redis, counter } => redis::cmd("INCR")
-                .arg(counter)
-                .query_async(&mut redis.clone())
-                .await
-                .ok(),
-            Self::Database { .. } => None,
+            Self::Shared { redis, counter } => increment(&mut redis.clone(), counter).await,
+            Self::Cluster { redis, counter } => increment(&mut redis.clone(), counter).await,
         }
     }
 
@@ -139,12 +166,8 @@ impl Orders {
                     .and_then(|count| u64::try_from(count).ok())
             }
             Self::Local(count) => Some(count.load(Ordering::SeqCst)),
-            Self::Shared { redis, counter } => redis::cmd("GET")
-                .arg(counter)
-                .query_async::<Option<u64>>(&mut redis.clone())
-                .await
-                .ok()
-                .map(Option::unwrap_or_default),
+            Self::Shared { redis, counter } => read(&mut redis.clone(), counter).await,
+            Self::Cluster { redis, counter } => read(&mut redis.clone(), counter).await,
         }
     }
 
@@ -176,6 +199,23 @@ impl Orders {
             }
         }
     }
+}
+
+async fn increment(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {
+    redis::cmd("INCR")
+        .arg(counter)
+        .query_async(redis)
+        .await
+        .ok()
+}
+
+async fn read(redis: &mut impl ConnectionLike, counter: &str) -> Option<u64> {
+    redis::cmd("GET")
+        .arg(counter)
+        .query_async::<Option<u64>>(redis)
+        .await
+        .ok()
+        .map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,12 +334,15 @@ pub fn routes(orders: web::Data<Orders>) -> impl FnOnce(&mut web::ServiceConfig)
 
 /// The demo server, configured from the environment, on `bind`: the in-memory store; on
 /// PostgreSQL when `IDEMPOTENCY_DATABASE_URL` is set (orders are rows created in each
-/// request's idempotency transaction); on Redis when `IDEMPOTENCY_REDIS_URL` is set.
+/// request's idempotency transaction); on a Redis Cluster when
+/// `IDEMPOTENCY_REDIS_CLUSTER_URLS=redis://h:p,redis://h:p,..` is set; on Redis when
+/// `IDEMPOTENCY_REDIS_URL` is set.
 /// `IDEMPOTENCY_LEASE_MS` sets the reservation lease. Prints `listening on http://ADDRESS`,
 /// then serves until stopped.
 pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
     // One store and one order counter for every worker: built here, outside the factory.
     let database = std::env::var("IDEMPOTENCY_DATABASE_URL").ok();
+    let redis_cluster = std::env::var("IDEMPOTENCY_REDIS_CLUSTER_URLS").ok();
     let redis = std::env::var("IDEMPOTENCY_REDIS_URL").ok();
     let (idempotency, orders) = if let Some(url) = database {
         let store = PostgresStore::builder(&url)
@@ -311,6 +354,21 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
             .await
             .map_err(std::io::Error::other)?;
         println!("idempotency store: PostgreSQL");
+        (middleware(store)?, orders)
+    } else if let Some(urls) = redis_cluster {
+        let urls: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        let store = RedisStore::cluster_builder(&urls)
+            .key_prefix("orders-demo:idempotency:")
+            .build()
+            .map_err(std::io::Error::other)?;
+        let orders = Orders::shared_in_cluster(&urls, "orders-demo:next-order-id")
+            .await
+            .map_err(std::io::Error::other)?;
+        println!("idempotency store: Redis Cluster at {}", urls.join(","));
         (middleware(store)?, orders)
     } else if let Some(url) = redis {
         let store = RedisStore::builder(&url)

@@ -4,7 +4,8 @@ use actix_web::{http::StatusCode, test, web, App};
 use idempotency_actix::{IdempotencyMiddleware, MemoryStore, RedisStore};
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
-    post_keyed, redis_url_or_skip, respond, unique_prefix, Received, TestServer,
+    post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedisCluster, Received,
+    TestServer,
 };
 use serde_json::json;
 
@@ -101,17 +102,50 @@ async fn two_demo_servers_on_one_redis_behave_as_one() {
         return;
     };
     let prefix = unique_prefix("demo");
-    let orders = web::Data::new(
-        Orders::shared(&url, &format!("{prefix}next-order-id"))
-            .await
-            .unwrap_or_else(|e| panic!("orders: {e}")),
-    );
-    let start = || {
-        let store = RedisStore::builder(&url)
+    let orders = Orders::shared(&url, &format!("{prefix}next-order-id"))
+        .await
+        .unwrap_or_else(|e| panic!("orders: {e}"));
+    let store = || {
+        RedisStore::builder(&url)
             .key_prefix(format!("{prefix}idempotency:"))
             .build()
-            .unwrap_or_else(|e| panic!("store: {e}"));
-        let middleware = IdempotencyMiddleware::new(store);
+            .unwrap_or_else(|e| panic!("store: {e}"))
+    };
+    two_demo_servers_behave_as_one(store, orders).await;
+}
+
+/// The example in `IDEMPOTENCY_REDIS_CLUSTER_URLS` mode: store and order counter in a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demo_servers_on_a_redis_cluster_behave_as_one() {
+    let Some(cluster) =
+        PrivateRedisCluster::start_or_skip("two_demo_servers_on_a_redis_cluster_behave_as_one")
+    else {
+        return;
+    };
+    let prefix = unique_prefix("demo-cluster");
+    let orders = Orders::shared_in_cluster(&cluster.urls(), &format!("{prefix}next-order-id"))
+        .await
+        .unwrap_or_else(|e| panic!("orders: {e}"));
+    let store = || {
+        RedisStore::cluster_builder(cluster.urls())
+            .key_prefix(format!("{prefix}idempotency:"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"))
+    };
+    two_demo_servers_behave_as_one(store, orders).await;
+    let keys = cluster.keys_per_node().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        keys.iter().filter(|&&n| n > 0).count() >= 2,
+        "the demo's keys must land on several nodes: {keys:?}"
+    );
+}
+
+/// Two copies of the demo server on one shared store and order counter: a key used on one is
+/// replayed byte-identically by the other, and both count the orders they share.
+async fn two_demo_servers_behave_as_one(store: impl Fn() -> RedisStore, orders: Orders) {
+    let orders = web::Data::new(orders);
+    let start = || {
+        let middleware = IdempotencyMiddleware::new(store());
         let orders = orders.clone();
         TestServer::start(1, move || {
             App::new()
@@ -136,13 +170,22 @@ async fn two_demo_servers_on_one_redis_behave_as_one() {
     );
     let second = post_keyed(&client, &b.url("/orders"), "k2", book).await;
     assert_eq!(second.json()["id"], 2);
-    let count = client
-        .get(a.url("/orders/count"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        count.json::<serde_json::Value>().await.unwrap_or_default(),
-        json!({ "count": 2 })
-    );
+    for n in 3..=8 {
+        let key = format!("k{n}");
+        let server = if n % 2 == 0 { &a } else { &b };
+        let created = post_keyed(&client, &server.url("/orders"), &key, book).await;
+        assert_eq!(created.json()["id"], n, "{key}");
+    }
+    for server in [&a, &b] {
+        let count = client
+            .get(server.url("/orders/count"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            count.json::<serde_json::Value>().await.unwrap_or_default(),
+            json!({ "count": 8 }),
+            "every copy counts the orders they share"
+        );
+    }
 }

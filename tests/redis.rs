@@ -1,6 +1,10 @@
-//! The Redis store: several instances behave as one, Redis faults, and round trips.
+//! The Redis store: several instances behave as one (on one Redis server and on a Redis
+//! Cluster), Redis faults, round trips, and waiting duplicates woken at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
 use futures_util::future::join_all;
@@ -9,7 +13,8 @@ use idempotency_actix::{
     StoreOutage,
 };
 use idempotency_actix_workspace::{
-    post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedis, Runs, TestServer,
+    post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedis, PrivateRedisCluster,
+    Received, Runs, TestServer,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -34,9 +39,43 @@ fn store(url: &str, prefix: &str) -> RedisStore {
         .unwrap_or_else(|e| panic!("store: {e}"))
 }
 
-fn instance(url: &str, prefix: &str, runs: &Runs) -> TestServer {
+/// The Redis that instances share: the test Redis server, or a private 3-node Redis Cluster.
+enum SharedRedis {
+    Node(String),
+    Cluster(PrivateRedisCluster),
+}
+
+impl SharedRedis {
+    async fn node(test: &str) -> Option<Self> {
+        redis_url_or_skip(test).await.map(Self::Node)
+    }
+
+    fn cluster(test: &str) -> Option<Self> {
+        PrivateRedisCluster::start_or_skip(test).map(Self::Cluster)
+    }
+
+    fn store(&self, prefix: &str) -> RedisStore {
+        match self {
+            Self::Node(url) => store(url, prefix),
+            Self::Cluster(cluster) => RedisStore::cluster_builder(cluster.urls())
+                .key_prefix(prefix)
+                .build()
+                .unwrap_or_else(|e| panic!("store: {e}")),
+        }
+    }
+
+    /// Every server's URL (each node of a cluster).
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Self::Node(url) => vec![url.clone()],
+            Self::Cluster(cluster) => cluster.urls(),
+        }
+    }
+}
+
+fn instance(redis: &SharedRedis, prefix: &str, runs: &Runs) -> TestServer {
     let builder =
-        IdempotencyMiddleware::builder(store(url, prefix)).lock_timeout(Duration::from_secs(5));
+        IdempotencyMiddleware::builder(redis.store(prefix)).lock_timeout(Duration::from_secs(5));
     instance_with(builder, runs)
 }
 
@@ -54,14 +93,36 @@ fn instance_with(builder: IdempotencyMiddlewareBuilder, runs: &Runs) -> TestServ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_redis_run_a_handler_once() {
-    let Some(url) = redis_url_or_skip("two_instances_on_one_redis_run_a_handler_once").await else {
-        return;
-    };
+    let test = "two_instances_on_one_redis_run_a_handler_once";
+    if let Some(redis) = SharedRedis::node(test).await {
+        two_instances_run_a_handler_once(&redis).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_a_redis_cluster_run_a_handler_once() {
+    let test = "two_instances_on_a_redis_cluster_run_a_handler_once";
+    if let Some(redis) = SharedRedis::cluster(test) {
+        two_instances_run_a_handler_once(&redis).await;
+        if let SharedRedis::Cluster(cluster) = &redis {
+            let keys = cluster.keys_per_node().unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                keys.iter().filter(|&&n| n > 0).count() >= 2,
+                "the keys must land on several nodes: {keys:?}"
+            );
+        }
+    }
+}
+
+/// Concurrent requests with one key through two instances run the handler once and are
+/// answered byte-identically; distinct keys (on several nodes of a cluster) each run once
+/// and replay from the other instance.
+async fn two_instances_run_a_handler_once(redis: &SharedRedis) {
     let prefix = unique_prefix("two-instances");
     let runs = Runs::default();
     let (first, second) = (
-        instance(&url, &prefix, &runs),
-        instance(&url, &prefix, &runs),
+        instance(redis, &prefix, &runs),
+        instance(redis, &prefix, &runs),
     );
     assert_ne!(first.address(), second.address());
 
@@ -110,7 +171,25 @@ async fn two_instances_on_one_redis_run_a_handler_once() {
         assert_eq!(replay.header("x-order"), firsts[0].1.header("x-order"));
         assert_eq!(replay.status, StatusCode::CREATED);
     }
+
+    let client = reqwest::Client::new();
+    for n in 0..KEYS {
+        let key = format!("distinct-{n}");
+        let body = format!("item {n}");
+        let fresh = post_keyed(&client, &urls[n % 2], &key, body.clone()).await;
+        assert_eq!(
+            (fresh.status, fresh.is_replay()),
+            (StatusCode::CREATED, false)
+        );
+        let replay = post_keyed(&client, &urls[(n + 1) % 2], &key, body).await;
+        assert!(replay.is_replay(), "{key}: {replay:?}");
+        assert_eq!(replay.body, fresh.body, "{key}");
+    }
+    assert_eq!(runs.count(), 1 + KEYS, "one run per key");
 }
+
+/// Enough distinct keys that some land on each node of a 3-node cluster.
+const KEYS: usize = 12;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lock_spans_instances_with_its_timeout_status() {
@@ -239,78 +318,191 @@ async fn fail_open_runs_the_handler_while_redis_is_down() {
     );
 }
 
-/// Counts the commands clients send to Redis that name `prefix`, leaving out the ones Lua
-/// scripts run inside the server.
+/// Watches the commands clients send to Redis (every node of a cluster), leaving out the ones
+/// Lua scripts run inside the server.
 struct Monitor {
-    lines: BufReader<TcpStream>,
+    nodes: Vec<BufReader<TcpStream>>,
 }
 
 impl Monitor {
-    async fn start(url: &str) -> Self {
-        let address = url.trim_start_matches("redis://").trim_end_matches('/');
-        let mut stream = TcpStream::connect(address)
-            .await
-            .unwrap_or_else(|e| panic!("monitor: {e}"));
-        stream
-            .write_all(b"MONITOR\r\n")
-            .await
-            .unwrap_or_else(|e| panic!("monitor: {e}"));
-        let mut lines = BufReader::new(stream);
-        let mut ok = String::new();
-        lines
-            .read_line(&mut ok)
-            .await
-            .unwrap_or_else(|e| panic!("monitor: {e}"));
-        assert!(ok.starts_with("+OK"), "{ok}");
-        Self { lines }
+    async fn start(redis: &SharedRedis) -> Self {
+        let mut nodes = Vec::new();
+        for url in redis.urls() {
+            let address = url.trim_start_matches("redis://").trim_end_matches('/');
+            let mut stream = TcpStream::connect(address)
+                .await
+                .unwrap_or_else(|e| panic!("monitor: {e}"));
+            stream
+                .write_all(b"MONITOR\r\n")
+                .await
+                .unwrap_or_else(|e| panic!("monitor: {e}"));
+            let mut lines = BufReader::new(stream);
+            let mut ok = String::new();
+            lines
+                .read_line(&mut ok)
+                .await
+                .unwrap_or_else(|e| panic!("monitor: {e}"));
+            assert!(ok.starts_with("+OK"), "{ok}");
+            nodes.push(lines);
+        }
+        Self { nodes }
     }
 
-    async fn client_commands_naming(&mut self, prefix: &str) -> usize {
-        let mut count = 0;
-        loop {
-            let mut line = String::new();
-            match tokio::time::timeout(Duration::from_millis(300), self.lines.read_line(&mut line))
-                .await
-            {
-                Ok(Ok(n)) if n > 0 => {
-                    if line.contains(prefix) && !line.contains(" lua]") {
-                        count += 1;
+    /// The client commands naming `prefix` since the last call, once Redis fell quiet.
+    async fn client_commands_naming(&mut self, prefix: &str) -> Vec<String> {
+        let mut commands = Vec::new();
+        for node in &mut self.nodes {
+            loop {
+                let mut line = String::new();
+                match tokio::time::timeout(Duration::from_millis(300), node.read_line(&mut line))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => {
+                        if line.contains(prefix) && !line.contains(" lua]") {
+                            commands.push(line);
+                        }
                     }
+                    _ => break,
                 }
-                _ => return count,
             }
         }
+        commands
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_request_costs_two_round_trips_and_a_replay_one() {
-    let Some(url) =
-        redis_url_or_skip("a_fresh_request_costs_two_round_trips_and_a_replay_one").await
-    else {
-        return;
-    };
+    let test = "a_fresh_request_costs_two_round_trips_and_a_replay_one";
+    if let Some(redis) = SharedRedis::node(test).await {
+        fresh_requests_cost_two_round_trips_and_replays_one(&redis).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_fresh_request_costs_two_round_trips_and_a_replay_one() {
+    let test = "on_a_redis_cluster_a_fresh_request_costs_two_round_trips_and_a_replay_one";
+    if let Some(redis) = SharedRedis::cluster(test) {
+        fresh_requests_cost_two_round_trips_and_replays_one(&redis).await;
+    }
+}
+
+async fn fresh_requests_cost_two_round_trips_and_replays_one(redis: &SharedRedis) {
     let prefix = unique_prefix("round-trips");
     let runs = Runs::default();
-    let server = instance(&url, &prefix, &runs);
+    let server = instance(redis, &prefix, &runs);
     let client = reqwest::Client::new();
     // Warm up: connect and load the scripts.
     post_keyed(&client, &server.url("/orders"), "warm-up", "book").await;
     post_keyed(&client, &server.url("/orders"), "warm-up", "book").await;
 
-    let mut monitor = Monitor::start(&url).await;
+    let mut monitor = Monitor::start(redis).await;
     let fresh = post_keyed(&client, &server.url("/orders"), "measured", "book").await;
     assert_eq!(
         (fresh.status, fresh.is_replay()),
         (StatusCode::CREATED, false)
     );
-    assert_eq!(
-        monitor.client_commands_naming(&prefix).await,
-        2,
-        "reserve + complete"
-    );
+    let commands = monitor.client_commands_naming(&prefix).await;
+    assert_eq!(commands.len(), 2, "reserve + complete: {commands:?}");
 
     let replay = post_keyed(&client, &server.url("/orders"), "measured", "book").await;
     assert!(replay.is_replay());
-    assert_eq!(monitor.client_commands_naming(&prefix).await, 1, "one read");
+    let commands = monitor.client_commands_naming(&prefix).await;
+    assert_eq!(commands.len(), 1, "one read: {commands:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_duplicate_is_answered_as_soon_as_the_first_finishes() {
+    let test = "a_waiting_duplicate_is_answered_as_soon_as_the_first_finishes";
+    if let Some(redis) = SharedRedis::node(test).await {
+        duplicates_are_answered_as_soon_as_the_first_finishes(&redis).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_a_waiting_duplicate_is_answered_as_soon_as_the_first_finishes() {
+    let test = "on_a_redis_cluster_a_waiting_duplicate_is_answered_as_soon_as_the_first_finishes";
+    if let Some(redis) = SharedRedis::cluster(test) {
+        duplicates_are_answered_as_soon_as_the_first_finishes(&redis).await;
+    }
+}
+
+/// How much later than the first request its waiting duplicates (on the other instance) are
+/// answered, and which commands naming the key reached Redis meanwhile.
+async fn duplicate_lag(
+    client: &reqwest::Client,
+    urls: [String; 2],
+    key: &str,
+    duplicates: usize,
+) -> (Duration, Vec<Received>) {
+    let timed = |url: String, key: String| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let received = post_keyed(&client, &url, &key, "book").await;
+            (Instant::now(), received)
+        })
+    };
+    let [first_url, second_url] = urls;
+    let first = timed(first_url, key.to_owned());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let waiting: Vec<_> = (0..duplicates)
+        .map(|_| timed(second_url.clone(), key.to_owned()))
+        .collect();
+    let (first_at, first) = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (first.status, first.is_replay()),
+        (StatusCode::CREATED, false)
+    );
+    let mut lag = Duration::ZERO;
+    let mut answers = Vec::new();
+    for duplicate in waiting {
+        let (at, received) = duplicate.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(received.is_replay(), "{received:?}");
+        assert_eq!(received.body, first.body);
+        lag = lag.max(at.saturating_duration_since(first_at));
+        answers.push(received);
+    }
+    (lag, answers)
+}
+
+/// Duplicates waiting on a 200 ms request are woken by its completion: answered within a few
+/// milliseconds of it, having asked Redis twice each (the first look and the one after the
+/// wake-up), where polling every 5–50 ms asks six times or more.
+async fn duplicates_are_answered_as_soon_as_the_first_finishes(redis: &SharedRedis) {
+    let prefix = unique_prefix("woken");
+    let runs = Runs::default();
+    let (first, second) = (
+        instance(redis, &prefix, &runs),
+        instance(redis, &prefix, &runs),
+    );
+    let client = reqwest::Client::new();
+    let urls = || [first.url("/orders"), second.url("/orders")];
+    // Warm up: connections, scripts and the subscriber of both instances.
+    duplicate_lag(&client, urls(), "warm-up-1", 1).await;
+    duplicate_lag(
+        &client,
+        [second.url("/orders"), first.url("/orders")],
+        "warm-up-2",
+        1,
+    )
+    .await;
+
+    const DUPLICATES: usize = 3;
+    let mut monitor = Monitor::start(redis).await;
+    let (lag, _) = duplicate_lag(&client, urls(), "measured", DUPLICATES).await;
+    let commands = monitor.client_commands_naming(&prefix).await;
+    let scripts = commands
+        .iter()
+        .filter(|command| command.to_lowercase().contains("\"evalsha\""))
+        .count();
+    eprintln!("duplicates answered {lag:?} after the first; {scripts} scripts ran");
+    assert!(
+        lag < Duration::from_millis(40),
+        "duplicates answered {lag:?} after the first"
+    );
+    assert!(
+        scripts <= 2 + 2 * DUPLICATES + 1,
+        "reserve + complete, and two reservations per duplicate (one spare), not polling: \
+         {scripts} scripts in {commands:#?}"
+    );
+    assert_eq!(runs.count(), 3, "one run per key");
 }

@@ -174,7 +174,7 @@ impl Operation {
                 .store
                 .reserve(&self.storage_key, token, self.fingerprint, lease)
                 .await;
-            let in_flight_fingerprint = match reservation {
+            let (in_flight_fingerprint, remaining_lease) = match reservation {
                 Err(error) => {
                     // A full store refused outright: nothing was written, nothing to free.
                     if matches!(error, StoreError::Full(_)) {
@@ -187,7 +187,10 @@ impl Operation {
                 Ok(answer) => {
                     unanswered.answered();
                     match answer {
-                        Reservation::InFlight { fingerprint, .. } => fingerprint,
+                        Reservation::InFlight {
+                            fingerprint,
+                            remaining_lease,
+                        } => (fingerprint, remaining_lease),
                         Reservation::Acquired => return self.run_reserved(config, token),
                         Reservation::Completed(record) => return self.answer_from(&record, config),
                         Reservation::Unreadable { reason } => {
@@ -207,8 +210,14 @@ impl Operation {
                     retry_after: RETRY_AFTER,
                 });
             }
+            // A store that wakes waiters is asked again when its bound or the owner's lease
+            // runs out (an owner that died wakes nobody); any other store is polled.
+            let within = self
+                .store
+                .longest_notified_wait()
+                .map_or(wait, |longest| longest.min(remaining_lease.max(FIRST_WAIT)));
             self.store
-                .wait_for_change(&self.storage_key, wait.min(left))
+                .wait_for_change(&self.storage_key, within.min(left))
                 .await;
             wait = (wait * 2).min(LONGEST_WAIT);
         }

@@ -67,7 +67,8 @@
 //! [`MemoryStore`] (the default) keeps records in the process: right for one
 //! instance. With the `redis` feature, `RedisStore` shares one state between any number of
 //! instances (one Lua script per operation, two round trips for a fresh request, one for a
-//! replay). Any backend implementing [`IdempotencyStore`] can be plugged in; its
+//! replay), on one Redis server or, with `redis-cluster`, on a Redis Cluster. Any backend
+//! implementing [`IdempotencyStore`] can be plugged in; its
 //! [`reserve`](IdempotencyStore::reserve) must be atomic.
 //!
 //! Build the store and the middleware once, outside `HttpServer::new`: its closure runs once
@@ -76,6 +77,8 @@
 //! # Crate features
 //!
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
+//! - `redis-cluster`: `RedisStore::cluster` and `RedisStore::cluster_builder`, the same store
+//!   on a Redis Cluster (the redis crate's async cluster connection); implies `redis`.
 //!
 //! # Customising keys
 //!

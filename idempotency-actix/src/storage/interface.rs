@@ -81,6 +81,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         let _ = key;
         tokio::time::sleep(within)
     }
+
+    /// The longest one [`wait_for_change`](Self::wait_for_change) may last, for a store that
+    /// wakes waiting duplicates itself when a reservation is completed or released: a waiting
+    /// duplicate looks again after at most this (or when the owner's lease runs out), which
+    /// bounds what a lost wake-up costs.
+    ///
+    /// The default, `None`, is for a store that cannot: its waiting duplicates poll, every
+    /// 5 ms backing off to 50 ms.
+    fn longest_notified_wait(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Object-safe twin of [`IdempotencyStore`], so one middleware can hold stores of several types.
@@ -116,6 +127,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     ) -> LocalBoxFuture<'a, Result<(), StoreError>>;
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()>;
+
+    fn longest_notified_wait(&self) -> Option<Duration>;
 
     /// The store itself, for an extractor that works only with its own kind of store.
     fn as_any(&self) -> &dyn Any;
@@ -174,6 +187,10 @@ impl<S: IdempotencyStore> DynStore for S {
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
         Box::pin(IdempotencyStore::wait_for_change(self, key, within))
+    }
+
+    fn longest_notified_wait(&self) -> Option<Duration> {
+        IdempotencyStore::longest_notified_wait(self)
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -1,18 +1,32 @@
 //! The Redis store: one shared state for any number of instances.
 
+mod changes;
+mod connection;
+/// Shared with the workspace's integration tests, which include the file and use all of it.
+#[cfg(test)]
+#[allow(unreachable_pub, dead_code)]
+pub(crate) mod private_cluster;
+
 use std::{future::Future, sync::Arc, time::Duration};
 
-use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    Client, Script, Value,
-};
+use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
+use self::{
+    changes::Changes,
+    connection::{Connection, Target, Timeouts},
+};
 use super::{
     CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
     LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
+
+/// The longest a duplicate waits to be woken before it looks again: a bound on what a lost
+/// wake-up (a failover, a resharding) costs it.
+const NOTIFIED_WAIT: Duration = Duration::from_secs(1);
+/// How soon a duplicate looks again after its subscription failed.
+const FALLBACK_POLL: Duration = Duration::from_millis(50);
 
 /// Claims a free key (or one whose lease ran out: Redis expired it), in one step.
 /// Returns `{0}` acquired, `{1, value, pttl}` in flight, `{2, value}` completed.
@@ -46,6 +60,8 @@ return 0
 /// Replaces the reservation whose value starts with ARGV[1] (the owner's token) by the record,
 /// or stores the record in an empty key. Returns 1 stored, 2 stored without reservation, 0 lost.
 /// Repeating a completion whose answer was lost finds its own record and reports it stored.
+/// A stored record wakes the key's waiting duplicates: `SPUBLISH` on the key's own name (one
+/// slot), under `pcall` so that a Redis without sharded pub/sub (before 7.0) still stores it.
 const COMPLETE: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[2] then
@@ -53,20 +69,24 @@ if current == ARGV[2] then
 end
 if not current then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.pcall('SPUBLISH', KEYS[1], '')
   return 2
 end
 if string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.pcall('SPUBLISH', KEYS[1], '')
   return 1
 end
 return 0
 ";
 
-/// Deletes the reservation whose value starts with ARGV[1] (the owner's token).
+/// Deletes the reservation whose value starts with ARGV[1] (the owner's token), and wakes the
+/// key's waiting duplicates as [`COMPLETE`] does.
 const RELEASE: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current and string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.pcall('SPUBLISH', KEYS[1], '')
   return 1
 end
 return 0
@@ -75,15 +95,33 @@ return 0
 const IN_FLIGHT: u8 = b'i';
 const COMPLETED: u8 = b'c';
 
-/// A store on Redis, shared by every instance that points at the same server and key prefix.
+/// A store on Redis, shared by every instance that points at the same server (or cluster) and
+/// key prefix.
 ///
 /// Each operation is one Lua script on one key, so a fresh request costs two round trips
-/// (reserve, complete), a replay one, and the layout works on Redis Cluster. Reservations and
-/// records expire on Redis' own clock (`PX`); completing or releasing a key checks the owner's
-/// token inside the script, so an owner whose lease ran out cannot overwrite a newer owner.
+/// (reserve, complete) and a replay one. Reservations and records expire on Redis' own clock
+/// (`PX`); completing or releasing a key checks the owner's token inside the script, so an
+/// owner whose lease ran out cannot overwrite a newer owner.
 ///
 /// The connection is made on first use and remade after a failure, so a server started before
 /// Redis is reachable recovers by itself.
+///
+/// # Redis Cluster
+///
+/// With the `redis-cluster` feature, `RedisStore::cluster` and `RedisStore::cluster_builder`
+/// make the same store on a Redis Cluster: each script runs on the node that owns its key's
+/// hash slot (every operation touches that one key), following `MOVED` and `ASK` redirections
+/// as slots move.
+///
+/// # Waiting duplicates are woken
+///
+/// A duplicate of a running request waits for its record. Completing or releasing a key
+/// publishes on the key's own name as a sharded channel (`SPUBLISH`, Redis 7.0 or later), which
+/// on a cluster stays in the shard that owns the key; one subscriber connection per store
+/// (RESP3) listens to the keys this process's duplicates wait on and wakes them at once. A
+/// waiting duplicate looks again at least every second (and when the owner's lease runs out),
+/// which bounds what a lost message costs. Where the subscription fails (Redis before 7.0, a
+/// proxy without pub/sub) duplicates poll, every 5 ms backing off to 50 ms.
 ///
 /// # What Redis must be configured for
 ///
@@ -96,8 +134,8 @@ const COMPLETED: u8 = b'c';
 ///   restart forgets every record: retries of requests completed before it run again.
 ///   Reservations of requests still running are made again by their next renewal.
 ///
-/// On its first connection the store reads these settings (`CONFIG GET`, where allowed) and
-/// logs a warning for each that does not hold.
+/// On its first connection the store reads these settings (`CONFIG GET`, where allowed; on a
+/// cluster, from every primary) and logs a warning for each that does not hold.
 ///
 /// ```no_run
 /// use idempotency_actix::{IdempotencyMiddleware, RedisStore};
@@ -115,9 +153,10 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: Client,
-    settings: ConnectionManagerConfig,
-    connection: OnceCell<ConnectionManager>,
+    target: Target,
+    timeouts: Timeouts,
+    connection: OnceCell<Connection>,
+    changes: Changes,
     prefix: String,
     reserve: Script,
     complete: Script,
@@ -127,10 +166,19 @@ struct Inner {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("server", &self.inner.client.get_connection_info().addr)
-            .field("prefix", &self.inner.prefix)
-            .field("connected", &self.inner.connection.initialized())
+        let inner = &self.inner;
+        let mut f = f.debug_struct("RedisStore");
+        match &inner.target {
+            Target::Node(node) => f.field("server", &node.addr),
+            #[cfg(feature = "redis-cluster")]
+            Target::Cluster(nodes) => {
+                let addresses: Vec<_> = nodes.iter().map(|node| &node.addr).collect();
+                f.field("cluster", &addresses)
+            }
+        };
+        f.field("prefix", &inner.prefix)
+            .field("connected", &inner.connection.initialized())
+            .field("subscribed", &inner.changes.connected())
             .finish()
     }
 }
@@ -143,25 +191,63 @@ impl RedisStore {
 
     /// A builder for a store on the Redis server at `url` (`redis://host:port/db`).
     pub fn builder(url: &str) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            url: url.to_owned(),
-            prefix: "idempotency:".to_owned(),
-            connection_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(1),
-        }
+        RedisStoreBuilder::new(Servers::Node(url.to_owned()))
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    /// A store on the Redis Cluster that the nodes at `urls` (`redis://host:port`, one or more
+    /// of the cluster's nodes) belong to, with the default settings.
+    ///
+    /// ```no_run
+    /// use idempotency_actix::RedisStore;
+    ///
+    /// let store = RedisStore::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+    ///     .expect("valid Redis URLs");
+    /// # let _ = store;
+    /// ```
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster<I, S>(urls: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::cluster_builder(urls).build()
+    }
+
+    /// A builder for a store on the Redis Cluster that the nodes at `urls` belong to. The
+    /// cluster's other nodes are found from these; a URL's database number is ignored (a
+    /// cluster has one).
+    ///
+    /// ```no_run
+    /// use idempotency_actix::{IdempotencyMiddleware, RedisStore};
+    ///
+    /// let urls = std::env::var("REDIS_CLUSTER_URLS").unwrap_or_default();
+    /// let store = RedisStore::cluster_builder(urls.split(','))
+    ///     .key_prefix("orders-api:idempotency:")
+    ///     .build()
+    ///     .expect("valid Redis URLs");
+    /// let middleware = IdempotencyMiddleware::new(store);
+    /// # let _ = middleware;
+    /// ```
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster_builder<I, S>(urls: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        RedisStoreBuilder::new(Servers::Cluster(
+            urls.into_iter()
+                .map(|url| url.as_ref().trim().to_owned())
+                .collect(),
+        ))
+    }
+
+    async fn connection(&self) -> Result<Connection, StoreError> {
         let inner = &self.inner;
         let connection = inner
             .connection
             .get_or_try_init(|| async {
-                let mut connection = ConnectionManager::new_with_config(
-                    inner.client.clone(),
-                    inner.settings.clone(),
-                )
-                .await?;
-                warn_about_unsafe_settings(&mut connection).await;
+                let connection = inner.target.connect(inner.timeouts).await?;
+                warn_about_unsafe_settings(&connection).await;
                 Ok(connection)
             })
             .await
@@ -280,6 +366,42 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Waits until the reservation on `key` ends (its completion or release wakes this
+    /// duplicate), for at most `within`; polls while the subscription does not work.
+    async fn wait_for_end(&self, key: &str, within: Duration) {
+        let changes = &self.inner.changes;
+        if !changes.available() {
+            tokio::time::sleep(within).await;
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let key = self.key(key);
+        let woken = changes.wait(&self.inner.target, self.inner.timeouts, &key, || {
+            self.reservation_ended(&key)
+        });
+        if let Ok(Err(error)) = tokio::time::timeout_at(deadline, woken).await {
+            changes.unavailable(&error);
+            let poll = tokio::time::Instant::now() + FALLBACK_POLL;
+            tokio::time::sleep_until(deadline.min(poll)).await;
+        }
+    }
+
+    /// Whether the reservation on `key` (prefixed) ended: its value no longer starts with the
+    /// in-flight marker.
+    async fn reservation_ended(&self, key: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection().await?;
+        let first: Vec<u8> = redis::cmd("GETRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(0)
+            .query_async(&mut connection)
+            .await
+            .map_err(backend)?;
+        Ok(first.first() != Some(&IN_FLIGHT))
+    }
+}
+
 impl IdempotencyStore for RedisStore {
     fn reserve(
         &self,
@@ -318,19 +440,44 @@ impl IdempotencyStore for RedisStore {
     ) -> impl Future<Output = Result<(), StoreError>> {
         self.release_key(key, token)
     }
+
+    fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
+        self.wait_for_end(key, within)
+    }
+
+    fn longest_notified_wait(&self) -> Option<Duration> {
+        self.inner.changes.available().then_some(NOTIFIED_WAIT)
+    }
 }
 
 /// Configures a [`RedisStore`].
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
-    url: String,
+    servers: Servers,
     prefix: String,
     connection_timeout: Duration,
     response_timeout: Duration,
 }
 
+/// The URLs a builder was given.
+#[derive(Debug, Clone)]
+enum Servers {
+    Node(String),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(Vec<String>),
+}
+
 impl RedisStoreBuilder {
+    fn new(servers: Servers) -> Self {
+        Self {
+            servers,
+            prefix: "idempotency:".to_owned(),
+            connection_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+        }
+    }
+
     /// The prefix of every key the store writes, so that several services (or tests) can
     /// share one Redis.
     ///
@@ -348,7 +495,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long one command may take before the request gets the store-outage answer.
+    /// How long one command may take before the request gets the store-outage answer (on a
+    /// cluster, redirections and retries included).
     ///
     /// Defaults to 1 second.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
@@ -356,19 +504,23 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Checks the URL and builds the store. No connection is made until the first request.
+    /// Checks the URLs and builds the store. No connection is made until the first request.
     pub fn build(self) -> Result<RedisStore, StoreError> {
-        let client = Client::open(self.url.as_str()).map_err(backend)?;
-        let settings = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.connection_timeout)
-            .set_response_timeout(self.response_timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(100);
+        let target = match &self.servers {
+            Servers::Node(url) => Target::node(url),
+            #[cfg(feature = "redis-cluster")]
+            Servers::Cluster(urls) => Target::cluster(urls),
+        }
+        .map_err(backend)?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                client,
-                settings,
+                target,
+                timeouts: Timeouts {
+                    connection: self.connection_timeout,
+                    response: self.response_timeout,
+                },
                 connection: OnceCell::new(),
+                changes: Changes::new(),
                 prefix: self.prefix,
                 reserve: Script::new(RESERVE),
                 complete: Script::new(COMPLETE),
@@ -395,38 +547,64 @@ fn millis(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// Logs a warning for each Redis setting that breaks the store's guarantees. Managed Redis
-/// services often refuse `CONFIG`; then nothing can be checked and nothing is logged.
-async fn warn_about_unsafe_settings(connection: &mut ConnectionManager) {
-    let setting = |name: &'static str| {
-        let mut connection = connection.clone();
-        async move {
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async::<Vec<String>>(&mut connection)
-                .await
-                .ok()
-                .and_then(|pair| pair.into_iter().nth(1))
-        }
-    };
-    if let Some(policy) = setting("maxmemory-policy").await {
+/// Logs a warning for each Redis setting that breaks the store's guarantees, on every primary
+/// of a cluster. Managed Redis services often refuse `CONFIG`; then nothing can be checked and
+/// nothing is logged.
+async fn warn_about_unsafe_settings(connection: &Connection) {
+    for (server, policy) in setting(connection, "maxmemory-policy").await {
         if policy != "noeviction" {
             log::warn!(
-                "idempotency: Redis runs with maxmemory-policy {policy}; under memory pressure \
-                 it may evict a reservation or record and let a request run twice. \
+                "idempotency: {server} runs with maxmemory-policy {policy}; under memory \
+                 pressure it may evict a reservation or record and let a request run twice. \
                  Set maxmemory-policy noeviction"
             );
         }
     }
-    let append_only = setting("appendonly").await;
-    let snapshots = setting("save").await;
-    if append_only.as_deref() == Some("no") && snapshots.as_deref() == Some("") {
-        log::warn!(
-            "idempotency: Redis keeps nothing on disk (appendonly no, no save points); a Redis \
-             restart forgets every completed record, and retries of those requests run again. \
-             Set appendonly yes for records that survive a restart"
-        );
+    let snapshots = setting(connection, "save").await;
+    for (server, append_only) in setting(connection, "appendonly").await {
+        let saves = snapshots
+            .iter()
+            .find(|(other, _)| *other == server)
+            .map(|(_, save)| save.as_str());
+        if append_only == "no" && saves == Some("") {
+            log::warn!(
+                "idempotency: {server} keeps nothing on disk (appendonly no, no save points); \
+                 a Redis restart forgets every completed record, and retries of those requests \
+                 run again. Set appendonly yes for records that survive a restart"
+            );
+        }
+    }
+}
+
+/// A setting's value on the server, or on each primary of a cluster, named for the log.
+async fn setting(connection: &Connection, name: &str) -> Vec<(String, String)> {
+    let mut command = redis::cmd("CONFIG");
+    command.arg("GET").arg(name);
+    let value = |pair: Vec<String>| pair.into_iter().nth(1);
+    match connection.clone() {
+        Connection::Node(mut node) => command
+            .query_async::<Vec<String>>(&mut node)
+            .await
+            .ok()
+            .and_then(value)
+            .map(|value| vec![("Redis".to_owned(), value)])
+            .unwrap_or_default(),
+        #[cfg(feature = "redis-cluster")]
+        Connection::Cluster(mut cluster) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            let Ok(Value::Map(answers)) = cluster.route_command(&command, primaries).await else {
+                return Vec::new();
+            };
+            answers
+                .into_iter()
+                .filter_map(|(node, answer)| {
+                    let node: String = redis::from_redis_value(&node).ok()?;
+                    let pair: Vec<String> = redis::from_redis_value(&answer).ok()?;
+                    Some((format!("Redis Cluster node {node}"), value(pair)?))
+                })
+                .collect()
+        }
     }
 }
 
@@ -473,6 +651,10 @@ mod tests {
         sync::atomic::{AtomicU64, Ordering},
     };
 
+    use std::time::Instant;
+
+    #[cfg(feature = "redis-cluster")]
+    use super::private_cluster::PrivateRedisCluster;
     use super::*;
     use crate::storage::conformance;
 
@@ -481,7 +663,7 @@ mod tests {
     pub(crate) async fn test_redis_url() -> Option<String> {
         let url = std::env::var("IDEMPOTENCY_TEST_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-        let reachable = match Client::open(url.as_str()) {
+        let reachable = match redis::Client::open(url.as_str()) {
             Ok(client) => match client.get_multiplexed_async_connection().await {
                 Ok(mut connection) => redis::cmd("PING")
                     .query_async::<String>(&mut connection)
@@ -501,21 +683,174 @@ mod tests {
         None
     }
 
-    #[actix_rt::test]
-    async fn redis_store_keeps_the_store_contract() {
-        let Some(url) = test_redis_url().await else {
-            return;
-        };
+    /// Runs the store conformance suite on stores from `builder`, each under its own prefix.
+    async fn keeps_the_store_contract(builder: impl Fn() -> RedisStoreBuilder) {
         let run = RandomState::new().build_hasher().finish();
         let counter = AtomicU64::new(0);
         conformance::run_all(|| {
             let n = counter.fetch_add(1, Ordering::Relaxed);
-            RedisStore::builder(&url)
+            builder()
                 .key_prefix(format!("test:conformance:{run}:{n}:"))
                 .build()
                 .unwrap_or_else(|e| panic!("store: {e}"))
         })
         .await;
+    }
+
+    #[actix_rt::test]
+    async fn redis_store_keeps_the_store_contract() {
+        let Some(url) = test_redis_url().await else {
+            return;
+        };
+        keeps_the_store_contract(|| RedisStore::builder(&url)).await;
+    }
+
+    #[cfg(feature = "redis-cluster")]
+    #[actix_rt::test]
+    async fn redis_cluster_store_keeps_the_store_contract() {
+        let Some(cluster) =
+            PrivateRedisCluster::start_or_skip("redis_cluster_store_keeps_the_store_contract")
+        else {
+            return;
+        };
+        keeps_the_store_contract(|| RedisStore::cluster_builder(cluster.urls())).await;
+        let keys = cluster
+            .keys_per_node()
+            .unwrap_or_else(|e| panic!("DBSIZE: {e}"));
+        assert!(
+            keys.iter().filter(|&&n| n > 0).count() >= 2,
+            "the suite's keys must land on several nodes: {keys:?}"
+        );
+    }
+
+    /// A duplicate waiting on a key is woken by the owner's completion or release, and finds
+    /// an end that came before it subscribed; the key's subscription ends with its waiters.
+    async fn wakes_waiting_duplicates(store: RedisStore) {
+        assert_eq!(store.longest_notified_wait(), Some(NOTIFIED_WAIT));
+        let fingerprint = Fingerprint([7; 32]);
+        let lease = Duration::from_secs(30);
+        let record = || CompletedRecord::new(fingerprint, None);
+        let acquire = |key: &'static str| {
+            let store = store.clone();
+            async move {
+                let token = ReservationToken::generate();
+                let answer = store.reserve(key, token, fingerprint, lease).await;
+                assert!(matches!(answer, Ok(Reservation::Acquired)), "{answer:?}");
+                token
+            }
+        };
+        let waiting = |key: &'static str| {
+            let store = store.clone();
+            actix_rt::spawn(async move {
+                store.wait_for_change(key, Duration::from_secs(10)).await;
+                Instant::now()
+            })
+        };
+
+        for ending in ["complete", "release"] {
+            let owner = acquire(ending).await;
+            let waiters: Vec<_> = (0..3).map(|_| waiting(ending)).collect();
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(
+                store.inner.changes.channels(),
+                1,
+                "one subscription per key"
+            );
+            let ended_at = Instant::now();
+            if ending == "complete" {
+                let stored = store.complete(ending, owner, record(), lease * 2).await;
+                assert!(matches!(stored, Ok(Completion::Stored)), "{stored:?}");
+            } else {
+                assert!(store.release(ending, owner).await.is_ok());
+            }
+            for waiter in waiters {
+                let woken_at = waiter.await.unwrap_or_else(|e| panic!("{e}"));
+                let after = woken_at.saturating_duration_since(ended_at);
+                assert!(
+                    woken_at >= ended_at && after < Duration::from_secs(1),
+                    "{ending}: woken {after:?} after the end, expected at once"
+                );
+            }
+        }
+
+        let owner = acquire("ended-first").await;
+        assert!(store.release("ended-first", owner).await.is_ok());
+        let started = Instant::now();
+        store
+            .wait_for_change("ended-first", Duration::from_secs(10))
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a reservation that ended before the wait is seen at once"
+        );
+
+        for _ in 0..100 {
+            if store.inner.changes.channels() == 0 {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            store.inner.changes.channels(),
+            0,
+            "idle keys are unsubscribed"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn redis_store_wakes_waiting_duplicates() {
+        let Some(url) = test_redis_url().await else {
+            return;
+        };
+        let prefix = format!("test:wake:{}:", RandomState::new().build_hasher().finish());
+        let store = RedisStore::builder(&url).key_prefix(prefix).build();
+        wakes_waiting_duplicates(store.unwrap_or_else(|e| panic!("store: {e}"))).await;
+    }
+
+    #[cfg(feature = "redis-cluster")]
+    #[actix_rt::test]
+    async fn redis_cluster_store_wakes_waiting_duplicates() {
+        let Some(cluster) =
+            PrivateRedisCluster::start_or_skip("redis_cluster_store_wakes_waiting_duplicates")
+        else {
+            return;
+        };
+        let store = RedisStore::cluster(cluster.urls());
+        wakes_waiting_duplicates(store.unwrap_or_else(|e| panic!("store: {e}"))).await;
+    }
+
+    #[actix_rt::test]
+    async fn waiting_duplicates_poll_when_they_cannot_be_woken() {
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store =
+            RedisStore::new(&format!("redis://{nobody}")).unwrap_or_else(|e| panic!("store: {e}"));
+        assert_eq!(store.longest_notified_wait(), Some(NOTIFIED_WAIT));
+        let started = Instant::now();
+        store.wait_for_change("k", Duration::from_secs(10)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a failed subscription falls back to a short poll, took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            store.longest_notified_wait(),
+            None,
+            "then duplicates poll for a while"
+        );
+        let started = Instant::now();
+        store.wait_for_change("k", Duration::from_millis(20)).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "polling does not try to subscribe again at once, took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            store.longest_notified_wait(),
+            None,
+            "then duplicates poll for a while"
+        );
     }
 
     #[test]

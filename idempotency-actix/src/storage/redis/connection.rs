@@ -1,0 +1,162 @@
+//! Where the store's commands go: one Redis server, or a Redis Cluster.
+
+use std::time::Duration;
+
+use redis::{
+    aio::{AsyncPushSender, ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture,
+    RedisResult, Value,
+};
+
+/// A connection to the store's Redis: commands on one key go to the node that owns the key.
+#[derive(Clone)]
+pub(super) enum Connection {
+    /// One server, through a connection manager that reconnects after a failure.
+    Node(ConnectionManager),
+    /// A cluster: each command goes to the node owning its key's hash slot, following
+    /// `MOVED`/`ASK` redirections; nodes are reconnected after a failure.
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(connection) => connection.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(connection) => connection.req_packed_commands(cmd, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(connection) => connection.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// What the store connects to, checked when the store is built.
+#[derive(Clone)]
+pub(super) enum Target {
+    Node(ConnectionInfo),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(Vec<ConnectionInfo>),
+}
+
+/// How long connecting and each command may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timeouts {
+    pub(super) connection: Duration,
+    pub(super) response: Duration,
+}
+
+impl Target {
+    pub(super) fn node(url: &str) -> RedisResult<Self> {
+        url.into_connection_info().map(Self::Node)
+    }
+
+    #[cfg(feature = "redis-cluster")]
+    pub(super) fn cluster<I, S>(urls: I) -> RedisResult<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let nodes = urls
+            .into_iter()
+            .map(|url| url.as_ref().into_connection_info())
+            .collect::<RedisResult<Vec<_>>>()?;
+        if nodes.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a Redis Cluster store needs the URL of at least one node",
+            )));
+        }
+        Ok(Self::Cluster(nodes))
+    }
+
+    /// The connection the store's commands use (the protocol the URLs ask for, RESP2 by
+    /// default).
+    pub(super) async fn connect(&self, timeouts: Timeouts) -> RedisResult<Connection> {
+        match self {
+            Self::Node(node) => {
+                let client = Client::open(node.clone())?;
+                ConnectionManager::new_with_config(client, manager_settings(timeouts))
+                    .await
+                    .map(Connection::Node)
+            }
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(nodes) => cluster_client(nodes, timeouts)
+                .build()?
+                .get_async_connection()
+                .await
+                .map(Connection::Cluster),
+        }
+    }
+
+    /// A RESP3 connection whose push messages (published messages, and the library's notice of
+    /// a lost connection) go to `pushes`: the store's subscriber.
+    pub(super) async fn subscribe(
+        &self,
+        timeouts: Timeouts,
+        pushes: impl AsyncPushSender,
+    ) -> RedisResult<Connection> {
+        match self {
+            Self::Node(node) => {
+                let mut node = node.clone();
+                node.redis.protocol = ProtocolVersion::RESP3;
+                let settings = manager_settings(timeouts).set_push_sender(pushes);
+                ConnectionManager::new_with_config(Client::open(node)?, settings)
+                    .await
+                    .map(Connection::Node)
+            }
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(nodes) => cluster_client(nodes, timeouts)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .build()?
+                .get_async_connection()
+                .await
+                .map(Connection::Cluster),
+        }
+    }
+}
+
+/// Every command gives up after the response timeout and a lost connection is remade at once,
+/// so an outage costs a request about a second, not the manager's default two-minute backoff.
+fn manager_settings(timeouts: Timeouts) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(timeouts.connection)
+        .set_response_timeout(timeouts.response)
+        .set_number_of_retries(1)
+        .set_max_delay(100)
+}
+
+/// The cluster client's default retries wait at least 1.28 s each; a request of ours gives up
+/// after the response timeout, so redirections and reconnections are retried within it.
+#[cfg(feature = "redis-cluster")]
+fn cluster_client(
+    nodes: &[ConnectionInfo],
+    timeouts: Timeouts,
+) -> redis::cluster::ClusterClientBuilder {
+    redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .connection_timeout(timeouts.connection)
+        .response_timeout(timeouts.response)
+        .retries(3)
+        .min_retry_wait(5)
+        .max_retry_wait(100)
+}
