@@ -178,10 +178,14 @@ async fn concurrent_reservations_from_threads_acquire_once<S>(store: S)
 where
     S: IdempotencyStore + Clone + Send,
 {
+    const RACERS: usize = 16;
     let store = Arc::new(store);
-    let threads: Vec<_> = (0..16)
+    // No runtime stops before every racer is done: a pooled store may hand a connection made
+    // on one thread's runtime to another thread, and returns it through a task on its own.
+    let all_done = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let threads: Vec<_> = (0..RACERS)
         .map(|_| {
-            let store = Arc::clone(&store);
+            let (store, all_done) = (Arc::clone(&store), Arc::clone(&all_done));
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -189,24 +193,32 @@ where
                 let Ok(runtime) = runtime else { return false };
                 runtime.block_on(async {
                     let token = ReservationToken::generate();
-                    matches!(
+                    let acquired = matches!(
                         store
                             .reserve("contended", token, Fingerprint([7; 32]), LEASE)
                             .await,
                         Ok(Reservation::Acquired)
-                    )
+                    );
+                    all_done.wait().await;
+                    acquired
                 })
             })
         })
         .collect();
-    let winners = threads
-        .into_iter()
-        .map(|thread| thread.join().unwrap_or(false))
-        .filter(|acquired| *acquired)
-        .count();
+    // Joined off this runtime, which keeps running meanwhile: connections it made earlier may
+    // be the ones the racers are handed.
+    let winners = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap_or(false))
+            .filter(|acquired| *acquired)
+            .count()
+    })
+    .await
+    .unwrap_or(0);
     assert_eq!(
         winners, 1,
-        "exactly one of 16 concurrent reservations must acquire the key"
+        "exactly one of {RACERS} concurrent reservations must acquire the key"
     );
 }
 
