@@ -6,6 +6,8 @@ pub mod orders;
 pub mod postgres;
 #[path = "../idempotency-actix/src/storage/redis/private_cluster.rs"]
 mod private_cluster;
+#[path = "../idempotency-actix/src/storage/postgres/test_database.rs"]
+mod test_database;
 pub mod work;
 
 pub use private_cluster::PrivateRedisCluster;

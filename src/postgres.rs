@@ -7,25 +7,7 @@ use std::{
 
 use sqlx::{Connection, PgConnection};
 
-/// The server the tests use, or `None` (with a loud message) when none answers and
-/// `IDEMPOTENCY_REQUIRE_POSTGRES` is not `1`.
-pub async fn postgres_url_or_skip(test: &str) -> Option<String> {
-    let url = std::env::var("IDEMPOTENCY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    match PgConnection::connect(&url).await {
-        Ok(connection) => {
-            let _ = connection.close().await;
-            Some(url)
-        }
-        Err(error) if std::env::var("IDEMPOTENCY_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-            panic!("IDEMPOTENCY_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {url}: {error}")
-        }
-        Err(error) => {
-            eprintln!("\n*** SKIPPED {test}: no PostgreSQL at {url} ({error}) ***\n");
-            None
-        }
-    }
-}
+pub use crate::test_database::postgres_url_or_skip;
 
 /// A database created for one test on the server at `server_url`, dropped (connections and
 /// all) when this is dropped.

@@ -131,6 +131,7 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn longest_notified_wait(&self) -> Option<Duration>;
 
     /// The store itself, for an extractor that works only with its own kind of store.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     fn as_any(&self) -> &dyn Any;
 }
 

@@ -333,7 +333,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
         let mut value = vec![COMPLETED];
-        value.extend(postcard::to_stdvec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        value.extend(super::codec::encode_record(&record)?);
         let mut connection = self.connection().await?;
         let stored: i64 = self
             .inner
@@ -631,16 +631,7 @@ fn decode_record(value: &[u8]) -> Result<CompletedRecord, StoreError> {
     let Some((&COMPLETED, encoded)) = value.split_first() else {
         return Err(StoreError::Corrupt("not a completed record".to_owned()));
     };
-    let record: CompletedRecord =
-        postcard::from_bytes(encoded).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    if record.version != super::RECORD_FORMAT_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "record format version {} is not {}",
-            record.version,
-            super::RECORD_FORMAT_VERSION
-        )));
-    }
-    Ok(record)
+    super::codec::decode_record(encoded)
 }
 
 #[cfg(test)]

@@ -442,4 +442,7 @@ fn millis(duration: Duration) -> f64 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+#[allow(unreachable_pub)]
+mod test_database;
+#[cfg(test)]
+mod tests;

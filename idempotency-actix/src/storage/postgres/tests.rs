@@ -6,31 +6,8 @@ use std::{
 
 use sqlx::Connection;
 
-use super::*;
+use super::{test_database::postgres_url_or_skip, *};
 use crate::storage::conformance;
-
-/// The database the tests use, or `None` (with a loud message) when none is reachable and
-/// `IDEMPOTENCY_REQUIRE_POSTGRES` is not `1`.
-pub(crate) async fn test_database_url() -> Option<String> {
-    let url = std::env::var("IDEMPOTENCY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    match PgConnection::connect(&url).await {
-        Ok(connection) => {
-            let _ = connection.close().await;
-            Some(url)
-        }
-        Err(error) if std::env::var("IDEMPOTENCY_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-            panic!("IDEMPOTENCY_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {url}: {error}")
-        }
-        Err(error) => {
-            eprintln!(
-                "\n*** SKIPPED: no PostgreSQL at {url} ({error}); set IDEMPOTENCY_TEST_DATABASE_URL \
-                 to run the PostgreSQL tests ***\n"
-            );
-            None
-        }
-    }
-}
 
 /// A schema of its own for one test, dropped (with its tables) by `drop_schema`.
 async fn fresh_schema(url: &str) -> String {
@@ -67,7 +44,7 @@ async fn store_on(url: &str, table: &str) -> PostgresStore {
 
 #[actix_rt::test]
 async fn postgres_store_keeps_the_store_contract() {
-    let Some(url) = test_database_url().await else {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
         return;
     };
     let schema = fresh_schema(&url).await;
@@ -90,7 +67,7 @@ async fn postgres_store_keeps_the_store_contract() {
 
 #[actix_rt::test]
 async fn expiry_job_deletes_expired_rows_in_batches_and_keeps_live_ones() {
-    let Some(url) = test_database_url().await else {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
         return;
     };
     let schema = fresh_schema(&url).await;
