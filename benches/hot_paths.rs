@@ -74,7 +74,7 @@ fn fingerprinting(c: &mut Criterion) {
 }
 
 fn memory_store(c: &mut Criterion) {
-    let store = MemoryStore::default();
+    let store = MemoryStore::builder().build();
     let fingerprint = Fingerprint([7; 32]);
     let mut n = 0u64;
     let mut fresh_key = move || {

@@ -107,7 +107,7 @@ fn main() {
     system.block_on(async {
         let bare = test::init_service(App::new().configure(routes(false))).await;
         // Fresh keys need a store large enough to keep every record of the run.
-        let in_memory = IdempotencyMiddleware::new(MemoryStore::default());
+        let in_memory = IdempotencyMiddleware::new(MemoryStore::builder().build());
         let with = test::init_service(App::new().wrap(in_memory).configure(routes(true))).await;
 
         println!(

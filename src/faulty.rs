@@ -48,7 +48,7 @@ impl FaultyStore {
     pub fn new() -> (Self, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
         let store = Self {
-            store: MemoryStore::default(),
+            store: MemoryStore::builder().build(),
             faults: Arc::clone(&faults),
         };
         (store, faults)

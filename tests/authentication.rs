@@ -111,7 +111,7 @@ fn payments(config: &mut web::ServiceConfig) {
 }
 
 fn idempotency(mode: Mode) -> IdempotencyMiddleware {
-    IdempotencyMiddleware::builder(MemoryStore::default())
+    IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .mode(mode)
         .scope(ExtensionScope::new(|user: &User| user.0.clone()))
         .build()
@@ -330,7 +330,7 @@ async fn pay_slowly(
 #[actix_rt::test]
 async fn a_scope_seen_too_early_never_hands_a_response_to_another_caller() {
     let runs = Runs::default();
-    let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
+    let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .scope(ExtensionScope::new(|user: &User| user.0.clone()))
         .lock_timeout(std::time::Duration::from_secs(2))
         .build()

@@ -7,7 +7,7 @@ use futures_util::future::join_all;
 use idempotency_actix::{
     idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore,
 };
-use idempotency_actix_workspace::{post_keyed, Received, Runs, TestServer};
+use idempotency_actix_workspace::{post_keyed, work::fresh_client, Received, Runs, TestServer};
 use tokio::sync::Barrier;
 
 const DUPLICATES: usize = 48;
@@ -67,7 +67,7 @@ async fn stampede(url: String, key: &'static str) -> Vec<Received> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_duplicates_that_wait_all_get_the_one_response() {
     let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+    let builder = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .lock_timeout(Duration::from_secs(10));
     let server = server(builder, &runs, Arc::new(Barrier::new(1)));
 
@@ -92,7 +92,7 @@ async fn concurrent_duplicates_that_wait_all_get_the_one_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() {
     let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+    let builder = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .lock_timeout(Duration::from_millis(20));
     let server = server(builder, &runs, Arc::new(Barrier::new(1)));
 
@@ -123,7 +123,7 @@ async fn concurrent_duplicates_past_the_lock_timeout_get_409_with_retry_after() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_timeout_status_can_be_423_locked() {
     let runs = Runs::default();
-    let builder = IdempotencyMiddleware::builder(MemoryStore::default())
+    let builder = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .lock_enabled(false)
         .lock_timeout_status(InFlightStatus::Locked);
     let server = server(builder, &runs, Arc::new(Barrier::new(1)));
@@ -152,7 +152,7 @@ async fn requests_with_different_keys_run_concurrently() {
     // lets unrelated keys run at the same time. Serialised, they would wait forever.
     let barrier = Arc::new(Barrier::new(PARALLEL));
     let server = server(
-        IdempotencyMiddleware::builder(MemoryStore::default()),
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()),
         &runs,
         barrier,
     );
@@ -174,7 +174,7 @@ async fn requests_with_different_keys_run_concurrently() {
 async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
     let runs = Runs::default();
     let server = server(
-        IdempotencyMiddleware::builder(MemoryStore::default()),
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()),
         &runs,
         Arc::new(Barrier::new(1)),
     );
@@ -200,4 +200,40 @@ async fn a_client_that_disconnects_gets_the_replay_when_it_retries() {
     );
     assert_eq!(retry.body, "run 1 of x");
     assert_eq!(runs.count(), 1);
+}
+
+/// The mistake the docs warn about: the middleware built inside `HttpServer::new`, whose
+/// closure runs once per worker. `MemoryStore::default()` is one store per process, so the two
+/// workers still share it: ten parallel requests and ten sequential retries, each on a new
+/// connection (so spread over both workers), run the handler once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_store_built_inside_the_server_factory_is_still_one_store() {
+    let runs = Runs::default();
+    let server = {
+        let runs = runs.clone();
+        TestServer::start(2, move || {
+            App::new()
+                .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+                .app_data(web::Data::new(runs.clone()))
+                .app_data(web::Data::new(Arc::new(Barrier::new(1))))
+                .service(slow)
+        })
+        .unwrap_or_else(|e| panic!("server: {e}"))
+    };
+    let key = "built-inside-the-factory";
+    let url = server.url("/slow");
+    let parallel: Vec<Received> =
+        join_all((0..10).map(|_| async { post_keyed(&fresh_client(), &url, key, "order").await }))
+            .await;
+    for received in &parallel {
+        assert!(
+            received.status == StatusCode::CREATED || received.status == StatusCode::CONFLICT,
+            "{received:?}"
+        );
+    }
+    for _ in 0..10 {
+        let retry = post_keyed(&fresh_client(), &url, key, "order").await;
+        assert!(retry.is_replay(), "{retry:?}");
+    }
+    assert_eq!(runs.count(), 1, "one store for both workers");
 }

@@ -76,7 +76,7 @@ fn slug(answer: &Received) -> Option<String> {
 async fn the_query_string_is_part_of_the_request_by_default() {
     let runs = Runs::default();
     let got = exchange(
-        IdempotencyMiddleware::builder(MemoryStore::default()),
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()),
         &runs,
         vec![
             post("/echo?to=alice", Some("k")),
@@ -101,7 +101,7 @@ async fn the_query_string_is_part_of_the_request_by_default() {
 async fn the_query_string_can_be_left_out_of_the_request() {
     let runs = Runs::default();
     let builder =
-        IdempotencyMiddleware::builder(MemoryStore::default()).query_in_fingerprint(false);
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()).query_in_fingerprint(false);
     let got = exchange(
         builder,
         &runs,
@@ -128,7 +128,7 @@ async fn percent_encoded_spellings_of_one_path_are_one_operation() {
         let mut requests = vec![post(plain, Some("k"))];
         requests.extend(spellings.iter().map(|path| post(path, Some("k"))));
         let got = exchange(
-            IdempotencyMiddleware::builder(MemoryStore::default()),
+            IdempotencyMiddleware::builder(MemoryStore::builder().build()),
             &runs,
             requests,
         )

@@ -18,7 +18,7 @@ fn exchange(requests: Vec<actix_test::TestRequest>) -> Vec<Received> {
     actix_rt::System::new().block_on(async move {
         let app = actix_test::init_service(
             App::new()
-                .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+                .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
                 .service(echo),
         )
         .await;

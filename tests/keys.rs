@@ -45,7 +45,7 @@ async fn send(
 }
 
 fn builder() -> IdempotencyMiddlewareBuilder {
-    IdempotencyMiddleware::builder(MemoryStore::default())
+    IdempotencyMiddleware::builder(MemoryStore::builder().build())
 }
 
 fn pay() -> test::TestRequest {

@@ -42,7 +42,7 @@ async fn replays_pass_through_outer_logger_default_headers_and_async_middleware(
     let runs = Runs::default();
     let app = test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .wrap(Logger::default())
             .wrap(DefaultHeaders::new().add(("x-served-by", "test")))
             .wrap(from_fn(authenticate))
@@ -79,7 +79,7 @@ async fn replays_pass_through_outer_logger_default_headers_and_async_middleware(
 async fn an_async_middleware_between_idempotency_and_routes_runs_before_the_key_is_settled() {
     for mode in [Mode::Enforce, Mode::Exempt] {
         let runs = Runs::default();
-        let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
+        let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
             .mode(mode)
             .build()
             .unwrap_or_else(|e| panic!("config: {e}"));
@@ -114,7 +114,7 @@ async fn unannotated_route_answers_reach_the_client_whole_behind_outer_middlewar
     let runs = Runs::default();
     let app = test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .wrap(Logger::default())
             .wrap(DefaultHeaders::new().add(("x-served-by", "test")))
             .app_data(web::Data::new(runs.clone()))

@@ -23,7 +23,7 @@ fn order(path: &str, key: Option<&str>, item: &str) -> actix_http::Request {
 async fn demo_routes_behave_as_documented() {
     let app = test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .configure(routes(web::Data::new(Orders::default()))),
     )
     .await;

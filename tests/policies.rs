@@ -111,7 +111,7 @@ fn configure(runs: &Runs) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
 
 /// Sends each request in turn to one app in the given mode and returns what the client got.
 async fn exchange(mode: Mode, runs: &Runs, requests: Vec<test::TestRequest>) -> Vec<Received> {
-    let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
+    let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .mode(mode)
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
@@ -331,8 +331,8 @@ async fn manual_extractor_outside_a_manual_handler_is_a_typed_error() {
 #[actix_rt::test]
 async fn a_handler_can_use_a_named_store() {
     let runs = Runs::default();
-    let payments_store = MemoryStore::default();
-    let first = IdempotencyMiddleware::builder(MemoryStore::default())
+    let payments_store = MemoryStore::builder().build();
+    let first = IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .named_store("payments", payments_store.clone())
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
@@ -352,7 +352,7 @@ async fn a_handler_can_use_a_named_store() {
 
     // Another app whose *default* store is the same one sees the record.
     let second = IdempotencyMiddleware::builder(payments_store)
-        .named_store("payments", MemoryStore::default())
+        .named_store("payments", MemoryStore::builder().build())
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));
     let other = test::init_service(
@@ -373,7 +373,7 @@ async fn a_handler_can_use_a_named_store() {
 
 #[actix_rt::test]
 async fn an_unknown_store_name_fails_at_start_up() {
-    let middleware = IdempotencyMiddleware::new(MemoryStore::default());
+    let middleware = IdempotencyMiddleware::new(MemoryStore::builder().build());
     let app = App::new().wrap(middleware).service(
         web::resource("/x")
             .wrap(IdempotencyPolicy::required().store("no-such-store-anywhere"))
@@ -468,7 +468,7 @@ async fn required_route_app(
 > {
     test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .app_data(web::Data::new(runs.clone()))
             .service(
                 web::resource(path)
@@ -538,7 +538,7 @@ async fn non_standard_methods_are_unsafe_and_need_a_key_in_enforce_mode() {
         actix_web::http::Method::from_bytes(b"PROPFIND").unwrap_or_else(|e| panic!("{e}"));
     let app = test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .app_data(web::Data::new(runs.clone()))
             .route(
                 "/dav",

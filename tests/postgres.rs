@@ -237,7 +237,7 @@ async fn a_transaction_outside_a_settled_postgres_key_is_refused() {
     });
     let server = TestServer::start(1, move || {
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .app_data(effects.clone())
             .service(write_effect)
     })

@@ -116,14 +116,14 @@ async fn a_full_memory_store_never_lets_an_in_flight_duplicate_run() {
 /// is stored and replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_slower_than_its_lease_runs_once() {
-    check_a_handler_slower_than_its_lease(MemoryStore::default()).await;
+    check_a_handler_slower_than_its_lease(MemoryStore::builder().build()).await;
 }
 
 /// `Duration::MAX` says "wait for the first request" or "keep forever": no panic, and the
 /// guarantees hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durations_past_the_clock_saturate_instead_of_panicking() {
-    check_durations_past_the_clock(MemoryStore::default()).await;
+    check_durations_past_the_clock(MemoryStore::builder().build()).await;
 }
 
 /// The first two completions fail (a store blip after the handler ran): the client still gets

@@ -80,7 +80,7 @@ async fn app(
 }
 
 fn default_builder() -> IdempotencyMiddlewareBuilder {
-    IdempotencyMiddleware::builder(MemoryStore::default())
+    IdempotencyMiddleware::builder(MemoryStore::builder().build())
 }
 
 fn keyed(path: &str, key: &str, body: &'static str) -> test::TestRequest {
@@ -346,7 +346,7 @@ async fn safe_methods_are_never_stored() {
     let runs = Runs::default();
     let app = test::init_service(
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::default()))
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
             .app_data(web::Data::new(runs.clone()))
             .route(
                 "/things",

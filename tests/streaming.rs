@@ -53,7 +53,7 @@ async fn endless(runs: web::Data<Runs>) -> HttpResponse {
 }
 
 fn server(runs: &Runs) -> TestServer {
-    let middleware = IdempotencyMiddleware::new(MemoryStore::default());
+    let middleware = IdempotencyMiddleware::new(MemoryStore::builder().build());
     let runs = runs.clone();
     TestServer::start(2, move || {
         App::new()

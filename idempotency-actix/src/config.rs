@@ -433,7 +433,7 @@ mod tests {
     use crate::MemoryStore;
 
     fn builder() -> IdempotencyMiddlewareBuilder {
-        IdempotencyMiddleware::builder(MemoryStore::default())
+        IdempotencyMiddleware::builder(MemoryStore::builder().build())
     }
 
     #[test]

@@ -65,7 +65,7 @@ where
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let mut servers = vec![serve("bare", || App::new().configure(bare_routes))?];
-    let memory = IdempotencyMiddleware::new(MemoryStore::default());
+    let memory = IdempotencyMiddleware::new(MemoryStore::builder().build());
     servers.push(serve("memory", move || {
         App::new().wrap(memory.clone()).configure(routes)
     })?);

@@ -11,7 +11,7 @@ use std::{
     future::{ready, Future},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -66,8 +66,12 @@ impl Evictions {
 /// Right for one process. Several instances behind a load balancer each keep their own records
 /// and would each run a retried request once: use a shared store (Redis) there.
 ///
-/// Create it once, outside `HttpServer::new`, and hand clones to the middleware: clones share
-/// their records.
+/// [`MemoryStore::default()`] is **one store per process**: every call returns a handle to the
+/// same records, so a middleware built inside `HttpServer::new` (whose closure runs once per
+/// worker) still gives every worker one store. [`MemoryStore::builder()`] makes a new, separate
+/// store: build that one once, outside `HttpServer::new`, and hand clones to the middleware
+/// (clones share their records). In tests that must not see each other's keys, give each test
+/// a store of its own with `MemoryStore::builder().build()`.
 ///
 /// # Capacity
 ///
@@ -110,14 +114,23 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+/// The process's one default store: `HttpServer::new` runs its closure once per worker, so a
+/// `MemoryStore::default()` written inside it must still be one store, or each worker would run
+/// the same request once.
+static PROCESS_DEFAULT: OnceLock<MemoryStore> = OnceLock::new();
+
 impl Default for MemoryStore {
+    /// The process-wide default store: every call returns a handle to the same records, with
+    /// the default bounds. Build a separate store with [`MemoryStore::builder`].
     fn default() -> Self {
-        Self::builder().build()
+        PROCESS_DEFAULT
+            .get_or_init(|| Self::builder().build())
+            .clone()
     }
 }
 
 impl MemoryStore {
-    /// A builder to set the store's bounds.
+    /// A builder for a new store of its own, to set its bounds.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_bytes: 256 * 1024 * 1024,
@@ -458,7 +471,7 @@ mod tests {
     /// deadlines here are far longer than the test allows.
     #[actix_rt::test]
     async fn waiters_wake_when_the_reservation_completes_or_is_freed() {
-        let store = MemoryStore::default();
+        let store = MemoryStore::builder().build();
         let lease = Duration::from_secs(30);
         for complete in [true, false] {
             let key = format!("k-{complete}");
