@@ -175,3 +175,95 @@ async fn header_name_is_configurable_and_matched_case_insensitively() {
         "the default header is not read then"
     );
 }
+
+/// A handler reads the key its request is settled under, whatever the header's name or form;
+/// without a key on an optional route it gets `None`; in enforce mode, an unannotated route
+/// reads it too.
+#[actix_rt::test]
+async fn handlers_read_the_key_their_request_is_settled_under() {
+    use idempotency_actix::IdempotencyKey;
+
+    async fn echo(key: Option<IdempotencyKey>) -> HttpResponse {
+        HttpResponse::Created().body(key.map_or_else(|| "none".to_owned(), |k| k.to_string()))
+    }
+    let app = test::init_service(
+        App::new()
+            .wrap(
+                IdempotencyMiddleware::builder(MemoryStore::builder().build())
+                    .header_name("X-Request-Token")
+                    .build()
+                    .unwrap_or_else(|e| panic!("config: {e}")),
+            )
+            .service(
+                web::resource("/required")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(echo)),
+            )
+            .service(
+                web::resource("/optional")
+                    .wrap(IdempotencyPolicy::optional())
+                    .route(web::post().to(echo)),
+            )
+            .route(
+                "/default",
+                web::post().to(|key: IdempotencyKey, _body: web::Bytes| async move {
+                    HttpResponse::Created().body(key.to_string())
+                }),
+            ),
+    )
+    .await;
+    let post = |path: &str, key: Option<&str>| {
+        let mut request = test::TestRequest::post().uri(path);
+        if let Some(key) = key {
+            request = request.insert_header(("x-request-token", key.to_owned()));
+        }
+        request.to_request()
+    };
+    let body = |received: Received| String::from_utf8_lossy(&received.body).into_owned();
+
+    let quoted = respond(&app, post("/required", Some("\"order-7\""))).await;
+    assert_eq!(quoted.status, StatusCode::CREATED);
+    assert_eq!(body(quoted), "order-7");
+    let replay = respond(&app, post("/required", Some("order-7"))).await;
+    assert!(replay.is_replay(), "the same key, bare: {replay:?}");
+    assert_eq!(body(replay), "order-7");
+    assert_eq!(body(respond(&app, post("/optional", None)).await), "none");
+    assert_eq!(
+        body(respond(&app, post("/optional", Some("opt-1"))).await),
+        "opt-1"
+    );
+    assert_eq!(
+        body(respond(&app, post("/default", Some("d-1"))).await),
+        "d-1"
+    );
+}
+
+/// Without the middleware, a handler asking for the key is told what is wrong, as problem+json.
+#[actix_rt::test]
+async fn reading_the_key_without_the_middleware_is_a_misconfiguration() {
+    use idempotency_actix::IdempotencyKey;
+
+    let app = test::init_service(
+        App::new().route(
+            "/pay",
+            web::post()
+                .to(|key: IdempotencyKey| async move { HttpResponse::Ok().body(key.to_string()) }),
+        ),
+    )
+    .await;
+    let received = respond(
+        &app,
+        test::TestRequest::post()
+            .uri("/pay")
+            .insert_header(("Idempotency-Key", "k"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(received.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        received
+            .problem_type()
+            .is_some_and(|kind| kind.ends_with("#misconfigured")),
+        "{received:?}"
+    );
+}

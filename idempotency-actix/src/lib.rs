@@ -125,6 +125,7 @@ mod fingerprint;
 mod flow;
 mod joined;
 mod key;
+mod key_extractor;
 mod manual;
 mod middleware;
 mod policy;
