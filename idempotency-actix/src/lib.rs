@@ -72,13 +72,22 @@
 //! [`reserve`](IdempotencyStore::reserve) must be atomic.
 //!
 //! Build the store and the middleware once, outside `HttpServer::new`: its closure runs once
-//! per worker, and a per-worker in-memory store lets every worker run the same request once.
+//! per worker, and a per-worker in-memory store would let every worker run the same request
+//! once. [`MemoryStore::default()`] guards against that mistake by being one store per process;
+//! a store from [`MemoryStore::builder()`] is a new one each time.
+//!
+//! With the `postgres` feature, `PostgresStore` keeps keys in a table, durable and shared by
+//! every instance on the database, and its `IdempotentTransaction` extractor lets a handler
+//! write in the transaction that also commits its key's record: its effects exist if and only
+//! if the record does.
 //!
 //! # Crate features
 //!
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
 //! - `redis-cluster`: `RedisStore::cluster` and `RedisStore::cluster_builder`, the same store
 //!   on a Redis Cluster (the redis crate's async cluster connection); implies `redis`.
+//! - `postgres`: `PostgresStore`, `IdempotentTransaction` and `ExpiryJob`, on the
+//!   [sqlx](https://docs.rs/sqlx) crate (tokio).
 //!
 //! # Customising keys
 //!

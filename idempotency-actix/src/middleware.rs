@@ -31,7 +31,9 @@ use crate::{
 /// `#[idempotency_exempt]`; in [`Mode::Exempt`] only annotated handlers use keys.
 ///
 /// Build it once, outside `HttpServer::new`, and clone it into the app factory: the clones
-/// share one configuration and one store.
+/// share one configuration and one store. (Built inside the factory, each worker gets its own
+/// middleware; only a [`MemoryStore::default()`](crate::MemoryStore) store is still shared
+/// then, because it is one store per process.)
 ///
 /// **Ordering.** Register it *before* any other `wrap` (actix runs the first-registered
 /// middleware innermost). Keys are settled after every middleware on the route has run: by the
