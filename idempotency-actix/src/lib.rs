@@ -122,7 +122,9 @@
 //! an ordinary response that outer middleware (`Logger`, `DefaultHeaders`, CORS) sees.
 
 #![forbid(unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// `doc_cfg` (not `doc_auto_cfg`, which newer nightlies removed): each feature-gated item says
+// which feature it needs on docs.rs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod config;

@@ -148,6 +148,7 @@ const COMPLETED: u8 = b'c';
 /// # let _ = middleware;
 /// ```
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStore {
     inner: Arc<Inner>,
 }
@@ -205,6 +206,7 @@ impl RedisStore {
     /// # let _ = store;
     /// ```
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn cluster<I, S>(urls: I) -> Result<Self, StoreError>
     where
         I: IntoIterator<Item = S>,
@@ -229,6 +231,7 @@ impl RedisStore {
     /// # let _ = middleware;
     /// ```
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn cluster_builder<I, S>(urls: I) -> RedisStoreBuilder
     where
         I: IntoIterator<Item = S>,
@@ -453,6 +456,7 @@ impl IdempotencyStore for RedisStore {
 /// Configures a [`RedisStore`].
 #[derive(Debug, Clone)]
 #[must_use]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStoreBuilder {
     servers: Servers,
     prefix: String,
