@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use actix_web::{get, http::StatusCode, post, test, web, App, HttpResponse};
 use idempotency_actix::{
-    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, MemoryStore,
+    idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, JsonFingerprint, MemoryStore,
 };
 use idempotency_actix_workspace::{faulty::FaultyStore, respond, Received, Runs};
 
@@ -64,6 +64,14 @@ fn post(uri: &str, key: Option<&str>) -> test::TestRequest {
         Some(key) => request.insert_header(("Idempotency-Key", key.to_owned())),
         None => request,
     }
+}
+
+fn post_json(body: impl Into<bytes::Bytes>) -> test::TestRequest {
+    test::TestRequest::post()
+        .uri("/orders")
+        .insert_header(("content-type", "application/json"))
+        .insert_header(("Idempotency-Key", "pay-1"))
+        .set_payload(body)
 }
 
 fn slug(answer: &Received) -> Option<String> {
@@ -171,4 +179,80 @@ async fn unmatched_paths_and_methods_answer_as_routing_does_without_reserving() 
     let with: Vec<_> = with.iter().map(|answer| answer.status).collect();
     assert_eq!(with, without);
     assert_eq!(asked.reservations.load(Ordering::SeqCst), 0);
+}
+
+#[actix_rt::test]
+async fn a_json_retry_with_reordered_keys_and_whitespace_is_replayed_with_json_fingerprints() {
+    let runs = Runs::default();
+    let got = exchange(
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()).fingerprint(JsonFingerprint),
+        &runs,
+        vec![
+            post_json(r#"{"amount":100,"currency":"EUR"}"#),
+            post_json("{ \"currency\" : \"EUR\",\n  \"amount\" : 100 }"),
+            post_json(r#"{"amount":101,"currency":"EUR"}"#),
+        ],
+    )
+    .await;
+    assert_eq!(got[0].status, StatusCode::CREATED, "{:?}", got[0]);
+    assert!(got[1].is_replay(), "{:?}", got[1]);
+    assert_eq!(got[1].status, StatusCode::CREATED);
+    assert_eq!(got[1].body, got[0].body);
+    assert_eq!(
+        got[2].status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "another amount is another request: {:?}",
+        got[2]
+    );
+    assert_eq!(slug(&got[2]).as_deref(), Some("payload-mismatch"));
+    assert_eq!(runs.count(), 1);
+}
+
+#[actix_rt::test]
+async fn a_json_retry_with_other_spacing_is_a_reused_key_by_default() {
+    let runs = Runs::default();
+    let got = exchange(
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()),
+        &runs,
+        vec![
+            post_json(r#"{"amount":100}"#),
+            post_json(r#"{ "amount" : 100 }"#),
+        ],
+    )
+    .await;
+    assert_eq!(got[0].status, StatusCode::CREATED, "{:?}", got[0]);
+    assert_eq!(
+        got[1].status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(runs.count(), 1);
+}
+
+/// Nesting beyond serde_json's recursion limit is compared as bytes, without a stack overflow.
+#[actix_rt::test]
+async fn deeply_nested_json_is_still_replayed_with_json_fingerprints() {
+    let depth = 5_000;
+    let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let runs = Runs::default();
+    let got = exchange(
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()).fingerprint(JsonFingerprint),
+        &runs,
+        vec![
+            post_json(nested.clone()),
+            post_json(nested),
+            post_json(format!("{} {}", "[".repeat(depth), "]".repeat(depth))),
+        ],
+    )
+    .await;
+    assert_eq!(got[0].status, StatusCode::CREATED, "{:?}", got[0]);
+    assert!(got[1].is_replay(), "{:?}", got[1]);
+    assert_eq!(
+        got[2].status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "too deep to parse, so compared byte for byte: {:?}",
+        got[2]
+    );
+    assert_eq!(runs.count(), 1);
 }

@@ -282,7 +282,11 @@ impl IdempotencyMiddlewareBuilder {
 
     /// How a request's payload is fingerprinted to detect a reused key (422).
     ///
-    /// Defaults to [`BodyFingerprint`].
+    /// [`JsonFingerprint`](crate::JsonFingerprint) compares JSON bodies as values (key order and
+    /// whitespace do not matter); switching a running service to it answers 422 to retries of
+    /// JSON requests stored before the switch, until their records expire.
+    ///
+    /// Defaults to [`BodyFingerprint`] (exact bytes).
     pub fn fingerprint(mut self, fingerprinter: impl Fingerprinter) -> Self {
         self.fingerprinter = Box::new(fingerprinter);
         self

@@ -59,8 +59,11 @@
 //! | none, [`Mode::Enforce`] | required | once per key | yes |
 //! | none, [`Mode::Exempt`] | ignored | every time | no |
 //!
-//! Attributes go **above** the route attribute (`#[post(..)]`, `#[route(..)]`). Routes
-//! registered by hand take an [`IdempotencyPolicy`] with `.wrap(..)`.
+//! Attributes go **above** the route attribute (`#[post(..)]`, `#[route(..)]`). On a route
+//! whose methods are all safe (`#[get(..)]`, `#[head(..)]`), `#[idempotent]` and
+//! `#[idempotency_manual]` are compile errors: the middleware passes safe methods through, so
+//! they would do nothing. Routes registered by hand take an [`IdempotencyPolicy`] with
+//! `.wrap(..)`.
 //!
 //! # Choosing a backend
 //!
@@ -88,6 +91,8 @@
 //!   on a Redis Cluster (the redis crate's async cluster connection); implies `redis`.
 //! - `postgres`: `PostgresStore`, `IdempotentTransaction` and `ExpiryJob`, on the
 //!   [sqlx](https://docs.rs/sqlx) crate (tokio).
+//! - `test-suite`: `storage::conformance`, the checks every store passes, for the tests of
+//!   a custom [`IdempotencyStore`].
 //!
 //! # Customising keys
 //!
@@ -149,7 +154,9 @@ mod upkeep;
 pub use config::{IdempotencyMiddlewareBuilder, InFlightStatus, Mode, ReplayStatus, StoreOutage};
 pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
 pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};
-pub use fingerprint::{BodyFingerprint, Fingerprint, Fingerprinter, NoFingerprint};
+pub use fingerprint::{
+    BodyFingerprint, Fingerprint, Fingerprinter, JsonFingerprint, NoFingerprint,
+};
 pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
 pub use manual::{ManualIdempotency, PriorResponse};

@@ -2,7 +2,10 @@
 
 use proc_macro2::TokenStream;
 use quote::{quote, ToTokens};
-use syn::{Attribute, ItemFn, LitStr, Meta};
+use syn::{
+    parse::Parser, punctuated::Punctuated, Attribute, Expr, ExprLit, ItemFn, Lit, LitStr, Meta,
+    Token,
+};
 
 use crate::args::{self, MarkerArgs};
 
@@ -114,6 +117,20 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
             "the route attribute needs its path, like `#[post(\"/orders\")]`",
         ));
     };
+    if marker != Marker::Exempt {
+        if let Some(methods) = only_safe_methods(&list.path, &list.tokens) {
+            return Err(syn::Error::new_spanned(
+                &route,
+                format!(
+                    "`#[{}]` has no effect on {} routes: safe methods (GET, HEAD, OPTIONS, TRACE) \
+                     never carry idempotency keys and the middleware passes them through; \
+                     remove it",
+                    marker.attribute(),
+                    methods.join(" and ")
+                ),
+            ));
+        }
+    }
     let policy = LitStr::new(
         &policy_expression(marker, &args),
         list.delimiter.span().join(),
@@ -125,6 +142,47 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
     };
     list.tokens = quote! { #tokens #separator wrap = #policy };
     Ok(function.into_token_stream())
+}
+
+/// The methods that the middleware passes through untouched: a key on them is never read.
+const SAFE_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "TRACE"];
+
+/// The route's methods when all of them are safe (`#[get]`, `#[head]`, `#[options]`, `#[trace]`,
+/// or `#[route(.., method = "GET", ..)]` listing only safe methods); `None` when any is not, or
+/// when the arguments cannot be read (actix-web reports those itself).
+fn only_safe_methods(route: &syn::Path, arguments: &TokenStream) -> Option<Vec<String>> {
+    let name = route.segments.last()?.ident.to_string();
+    if name != "route" {
+        let method = name.to_ascii_uppercase();
+        return SAFE_METHODS
+            .contains(&method.as_str())
+            .then(|| vec![method]);
+    }
+    let arguments = Punctuated::<Expr, Token![,]>::parse_terminated
+        .parse2(arguments.clone())
+        .ok()?;
+    let methods: Vec<String> = arguments
+        .iter()
+        .filter_map(|argument| match argument {
+            Expr::Assign(assign) => match (&*assign.left, &*assign.right) {
+                (
+                    Expr::Path(left),
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Str(method),
+                        ..
+                    }),
+                ) if left.path.is_ident("method") => Some(method.value()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    // Methods are case-sensitive: `"get"` is a custom method, not GET.
+    let all_safe = !methods.is_empty()
+        && methods
+            .iter()
+            .all(|method| SAFE_METHODS.contains(&method.as_str()));
+    all_safe.then_some(methods)
 }
 
 /// The Rust expression, as text, that builds the route's policy.

@@ -5,6 +5,12 @@
 //! (`#[post(..)]`, `#[put(..)]`, `#[patch(..)]`, `#[delete(..)]`, `#[route(..)]`, ...) and adds
 //! the route's policy to it as a `wrap = ".."` argument, so the policy is known during routing,
 //! before the handler runs.
+//!
+//! Safe methods (GET, HEAD, OPTIONS, TRACE) never carry idempotency keys: the middleware passes
+//! them through. `#[idempotent]` and `#[idempotency_manual]` on a route whose methods are all
+//! safe (`#[get(..)]`, `#[head(..)]`, `#[options(..)]`, `#[trace(..)]`, or `#[route(..)]`
+//! listing only those) would do nothing, so they are a compile error there.
+//! `#[idempotency_exempt]` is allowed: it says what such a route already is.
 
 use proc_macro::TokenStream;
 
@@ -25,6 +31,22 @@ use expand::Marker;
 /// ```
 /// `optional`: a request without a key runs the handler and nothing is stored.
 /// `store`: use the store registered under that name on the middleware.
+///
+/// # Safe methods
+/// On a route whose methods are all safe (`#[get(..)]`, `#[head(..)]`, `#[options(..)]`,
+/// `#[trace(..)]`, `#[route(.., method = "GET")]`) it is a compile error pointing at the route
+/// attribute: the middleware passes safe methods through, so the attribute would do nothing.
+///
+/// ```compile_fail
+/// use actix_web::{get, HttpResponse};
+/// use idempotency_actix::idempotent;
+///
+/// #[idempotent] // error: `#[idempotent]` has no effect on GET routes
+/// #[get("/orders")]
+/// async fn list_orders() -> HttpResponse {
+///     HttpResponse::Ok().finish()
+/// }
+/// ```
 ///
 /// # Examples
 /// ```no_run
@@ -49,6 +71,11 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// ```text
 /// #[idempotency_exempt]
 /// ```
+///
+/// # Safe methods
+/// It is allowed on GET, HEAD, OPTIONS and TRACE routes, where it changes nothing: those
+/// methods are always passed through, which is what it states. (The other attributes are a
+/// compile error there, because they would promise a protection that never happens.)
 ///
 /// # Examples
 /// ```no_run
@@ -75,6 +102,11 @@ pub fn idempotency_exempt(args: TokenStream, item: TokenStream) -> TokenStream {
 /// #[idempotency_manual]
 /// #[idempotency_manual(store = "name")]
 /// ```
+///
+/// # Safe methods
+/// Like `#[idempotent]`, it is a compile error on a route whose methods are all safe (GET,
+/// HEAD, OPTIONS, TRACE): the middleware passes those through, so the handler would never see
+/// a key.
 ///
 /// # Examples
 /// ```no_run

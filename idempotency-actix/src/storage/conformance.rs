@@ -1,4 +1,35 @@
-//! The backend-agnostic store test suite: every store runs it unchanged.
+//! The store conformance suite: the contract of [`IdempotencyStore`] as runnable checks.
+//!
+//! Every store in this crate runs it unchanged ([`MemoryStore`](super::MemoryStore),
+//! `RedisStore`, `PostgresStore`); a custom store should too. It is compiled with the
+//! `test-suite` feature, which a store's crate enables for its tests only:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! idempotency-actix = { version = "0.1", features = ["test-suite"] }
+//! tokio = { version = "1", features = ["macros", "rt", "time"] }
+//! ```
+//!
+//! Then, in an async test on a tokio runtime (`#[tokio::test]` or `#[actix_rt::test]`), call
+//! [`run_all`] with a function that makes a fresh store:
+//!
+//! ```no_run
+//! use idempotency_actix::{storage::conformance, MemoryStore};
+//!
+//! // A custom store would be built here, each time on an empty key space
+//! // (a new table, database or key prefix).
+//! fn fresh_store() -> MemoryStore {
+//!     MemoryStore::default()
+//! }
+//!
+//! #[tokio::test]
+//! async fn my_store_keeps_the_store_contract() {
+//!     conformance::run_all(fresh_store).await;
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! A case that fails panics with what the store did wrong, so the test fails with that message.
 
 use std::{sync::Arc, time::Duration};
 
@@ -57,8 +88,51 @@ async fn is_in_flight<S: IdempotencyStore>(store: &S, key: &str) -> bool {
     )
 }
 
-/// Runs every contract check against fresh stores from `make`.
-pub(crate) async fn run_all<S, F>(make: F)
+/// Runs every contract check, each against a fresh store from `make`, and panics with an
+/// explanation at the first one the store breaks.
+///
+/// # What the store must provide
+///
+/// - **A fresh, empty key space on every call of `make`.** Each case uses fixed keys (`"k"`,
+///   `"held"`, `"contended"`, `"filler-0"` ..), so stores sharing a server need a new key
+///   prefix, table or database per call, and one per test run if the server outlives it.
+/// - `Clone + Send`, and futures that work on any tokio runtime: one case shares the store
+///   between threads, each with its own current-thread runtime.
+/// - A tokio runtime around the call (`#[tokio::test]`, `#[actix_rt::test]`): the cases sleep
+///   with `tokio::time` and join threads through `spawn_blocking`. Time must run for real
+///   (no paused clock); the suite takes a few seconds.
+/// - Room for about 200 records of 1 KiB (a store with a smaller memory bound may evict
+///   completed records, but never reservations).
+///
+/// # What each case checks
+///
+/// - *Only one of two reservations wins*: the second [`reserve`](IdempotencyStore::reserve) of a
+///   key sees it in flight, with the owner's fingerprint and a remaining lease within the
+///   lease it was given.
+/// - *A completed record is returned to later reservations*, and repeating a completion whose
+///   answer was lost finds its own record.
+/// - *A released key can be reserved again.*
+/// - *A stale token cannot complete, release or renew*: only the token that owns a key acts on
+///   it.
+/// - *An expired lease frees the key*, and the owner whose lease ran out cannot overwrite the
+///   new owner's reservation.
+/// - *A completed record expires after its TTL.*
+/// - *Concurrent reservations from 16 threads acquire the key once*: [`reserve`] is atomic.
+/// - *Renewal keeps a reservation past its lease*, and an owner whose key was taken over
+///   cannot renew it.
+/// - *Renewal restores a reservation nobody took* ([`Renewal::Restored`]), with the owner's
+///   fingerprint.
+/// - *Renewal of a completed key is lost*: renewing never turns a record back into a
+///   reservation.
+/// - *A late completion of a key nobody took is stored*
+///   ([`Completion::StoredWithoutReservation`]) and replayed.
+/// - *A reservation whose answer was lost is freed by its token*, and releasing a token that
+///   reserved nothing is harmless.
+/// - *Reservations survive capacity pressure*: filling the store with records never drops a
+///   reservation, and its owner can still complete it.
+///
+/// [`reserve`]: IdempotencyStore::reserve
+pub async fn run_all<S, F>(make: F)
 where
     S: IdempotencyStore + Clone + Send,
     F: Fn() -> S,

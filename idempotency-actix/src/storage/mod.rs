@@ -25,8 +25,8 @@ pub use record::{
     RECORD_FORMAT_VERSION,
 };
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "test-suite"))]
+pub mod conformance;
 
 /// The longest lease or TTL a store represents; longer ones are cut to it rather than
 /// overflowing a clock (Redis refuses an expiry past its clock's range).
