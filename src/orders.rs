@@ -3,7 +3,10 @@
 
 use std::{
     io::Write,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
     time::Duration,
 };
 
@@ -14,6 +17,7 @@ use idempotency_actix::{
     idempotency_exempt, idempotency_manual, idempotent, IdempotencyMiddleware, IdempotencyStore,
     IdempotentTransaction, ManualIdempotency, MemoryStore, PostgresStore, RedisStore,
 };
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
@@ -385,11 +389,22 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
         (middleware(MemoryStore::default())?, Orders::default())
     };
     let orders = web::Data::new(orders);
+    let metrics = prometheus().map_err(std::io::Error::other)?;
+    actix_web::rt::spawn({
+        let metrics = metrics.clone();
+        async move {
+            loop {
+                actix_web::rt::time::sleep(Duration::from_secs(5)).await;
+                metrics.run_upkeep();
+            }
+        }
+    });
     let server = HttpServer::new(move || {
         App::new()
             .wrap(idempotency.clone())
             .wrap(Logger::default())
             .configure(routes(orders.clone()))
+            .configure(metrics_route(metrics.clone()))
     })
     .bind(bind)?;
     for address in server.addrs() {
@@ -409,4 +424,41 @@ fn middleware(store: impl IdempotencyStore) -> std::io::Result<IdempotencyMiddle
         builder = builder.reservation_lease(Duration::from_millis(lease));
     }
     builder.build().map_err(std::io::Error::other)
+}
+
+/// The process's Prometheus recorder for the `metrics` facade, installed on first use; every
+/// later call returns the same handle.
+pub fn prometheus() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Store calls take from a fraction of a millisecond (memory) to a few (Redis,
+            // Postgres): buckets that tell those apart.
+            let buckets = [
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("idempotency_store_duration_seconds".to_owned()),
+                    &buckets,
+                )
+                .and_then(PrometheusBuilder::install_recorder)
+                .map_err(|error| format!("metrics recorder: {error}"))
+        })
+        .clone()
+}
+
+/// `GET /metrics`: the process's metrics, the library's among them, in Prometheus' text format.
+pub fn metrics_route(metrics: PrometheusHandle) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |config| {
+        config.app_data(web::Data::new(metrics)).route(
+            "/metrics",
+            web::get().to(|metrics: web::Data<PrometheusHandle>| async move {
+                HttpResponse::Ok()
+                    .content_type("text/plain; version=0.0.4")
+                    .body(metrics.render())
+            }),
+        );
+    }
 }

@@ -183,7 +183,7 @@ impl IdempotencyMiddlewareBuilder {
             fingerprinter: Box::new(BodyFingerprint),
             scope: Box::new(AuthorizationScope),
             telemetry: false,
-            store: Arc::new(store),
+            store: crate::observe::observed(store),
             named_stores: Vec::new(),
             request_body_limit: 1024 * 1024,
             response_body_limit: 1024 * 1024,
@@ -314,7 +314,8 @@ impl IdempotencyMiddlewareBuilder {
     ///
     /// Defaults to none.
     pub fn named_store(mut self, name: impl Into<String>, store: impl IdempotencyStore) -> Self {
-        self.named_stores.push((name.into(), Arc::new(store)));
+        self.named_stores
+            .push((name.into(), crate::observe::observed(store)));
         self
     }
 

@@ -152,7 +152,7 @@ where
         Err(_) => false,
     };
     if scoped_too_early {
-        log::error!(
+        tracing::error!(
             "idempotency: the caller scope of a request changed after IdempotencyMiddleware \
              computed it (an authentication middleware runs between it and the route); keyed \
              requests to routes without a policy are refused from now on. Register \
@@ -199,7 +199,7 @@ where
 fn report_swallowed_refusal<B>(result: &Result<ServiceResponse<B>, Error>) {
     let Ok(response) = result else { return };
     if response.status().is_success() {
-        log::error!(
+        tracing::error!(
             "idempotency: {} {} ran although the idempotency middleware refused the request: \
              its handler ignores body errors (Option/Result extractors) or reads the body \
              itself. Mark it #[idempotent] so that its key is settled before it runs",
@@ -229,7 +229,7 @@ fn report_unread_body<B>(result: &Result<ServiceResponse<B>, Error>) {
         .get_or_insert_with(HashSet::new)
         .insert(route.clone());
     if first_time {
-        log::error!(
+        tracing::error!(
             "idempotency: {route} ran without idempotency protection: its handler reads no \
              request body, so the enforce-mode default cannot settle its key before it runs. \
              Mark it #[idempotent] (or #[idempotency_exempt])"

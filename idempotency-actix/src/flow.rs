@@ -15,6 +15,7 @@ use actix_web::{
     Error, HttpResponse, ResponseError,
 };
 use sha2::{Digest, Sha256};
+use tracing::{Instrument, Span};
 
 use crate::{
     body::{read_request_body, Recorded, RecordingBody, RequestBodyError},
@@ -23,6 +24,7 @@ use crate::{
     encoder::KeyParts,
     joined::{ActiveReservation, Joined, JoinedWork},
     manual::{ManualIdempotency, PriorResponse},
+    observe::{keyed_request_span, record_key, record_outcome, Outcome},
     replay::{replay_response, replayable_headers},
     storage::{
         CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
@@ -62,11 +64,26 @@ pub(crate) enum Start {
 }
 
 fn refuse(error: IdempotencyError) -> Start {
+    decided(Outcome::of_refusal(&error));
     Start::Respond(error.error_response())
 }
 
 /// Decides what a request under a keyed policy gets, reserving its key if it runs.
 pub(crate) async fn start(
+    config: &Arc<Config>,
+    policy: KeyedPolicy,
+    store_name: Option<&str>,
+    facts: RequestFacts,
+    payload: Payload,
+) -> Start {
+    let span = keyed_request_span(facts.method.as_str(), &facts.path);
+    decide(config, policy, store_name, facts, payload)
+        .instrument(span)
+        .await
+}
+
+/// [`start`], inside the request's span.
+async fn decide(
     config: &Arc<Config>,
     policy: KeyedPolicy,
     store_name: Option<&str>,
@@ -92,7 +109,7 @@ pub(crate) async fn start(
         }
     };
     let Some(store) = config.store(store_name).cloned() else {
-        log::error!("idempotency: no store is registered under the name {store_name:?}");
+        tracing::error!("idempotency: no store is registered under the name {store_name:?}");
         return refuse(IdempotencyError::Misconfigured("unknown store name"));
     };
     let body = match read_body(config, facts.content_length, payload).await {
@@ -111,6 +128,7 @@ pub(crate) async fn start(
         store,
         manual: policy == KeyedPolicy::Manual,
     };
+    record_key(&Span::current(), &operation.storage_key);
     operation.settle(config).await
 }
 
@@ -224,6 +242,7 @@ impl Operation {
     }
 
     fn run_reserved(self, config: &Arc<Config>, token: ReservationToken) -> Start {
+        decided(Outcome::Fresh);
         let manual = self
             .manual
             .then(|| ManualIdempotency::new(self.key, false, true, None));
@@ -248,12 +267,18 @@ impl Operation {
             return Start::Proceed {
                 payload: Payload::from(self.body),
                 pending: None,
-                manual: Some(ManualIdempotency::new(self.key, true, matches, prior)),
+                manual: Some({
+                    decided(Outcome::Replayed);
+                    ManualIdempotency::new(self.key, true, matches, prior)
+                }),
             };
         }
         match (&record.response, matches) {
             (_, false) => refuse(IdempotencyError::PayloadMismatch),
-            (Some(stored), true) => Start::Respond(replay_response(stored, config.replay_status)),
+            (Some(stored), true) => {
+                decided(Outcome::Replayed);
+                Start::Respond(replay_response(stored, config.replay_status))
+            }
             (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
         }
     }
@@ -261,7 +286,7 @@ impl Operation {
     /// The key holds a record nobody here can read. The operation may have run, so it does not
     /// run again; a manual handler is told the key exists and decides.
     fn answer_unreadable(self, reason: &str) -> Start {
-        log::error!(
+        tracing::error!(
             "idempotency: a key's record cannot be read ({reason}); answering 409 \
              record-unreadable until it expires"
         );
@@ -269,14 +294,17 @@ impl Operation {
             return Start::Proceed {
                 payload: Payload::from(self.body),
                 pending: None,
-                manual: Some(ManualIdempotency::new(self.key, true, false, None)),
+                manual: Some({
+                    decided(Outcome::Replayed);
+                    ManualIdempotency::new(self.key, true, false, None)
+                }),
             };
         }
         refuse(IdempotencyError::RecordUnreadable)
     }
 
     fn store_unavailable(self, config: &Config, error: &StoreError) -> Start {
-        log::error!("idempotency: store unavailable while reserving a key: {error}");
+        tracing::error!("idempotency: store unavailable while reserving a key: {error}");
         // A full store answered: it works, it just cannot protect one more request, and
         // running it unprotected is never the answer to that.
         let outage = match error {
@@ -286,7 +314,8 @@ impl Operation {
         match outage {
             StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
             StoreOutage::FailOpen => {
-                log::warn!("idempotency: running the handler unprotected (fail-open)");
+                decided(Outcome::Unprotected);
+                tracing::warn!("idempotency: running the handler unprotected (fail-open)");
                 Start::Proceed {
                     payload: Payload::from(self.body),
                     pending: None,
@@ -335,7 +364,7 @@ where
         Ok(result) => result,
         Err(error) => {
             // The handler panicked; unwinding dropped its reservation, which frees the key.
-            log::error!("idempotency: the handler of a keyed request panicked: {error}");
+            tracing::error!("idempotency: the handler of a keyed request panicked: {error}");
             Err(actix_web::error::ErrorInternalServerError(
                 "the handler panicked",
             ))
@@ -356,6 +385,8 @@ pub(crate) struct PendingRecord {
     settled: bool,
     replayable: bool,
     active: Rc<ActiveReservation>,
+    /// The request's span, for what is logged while settling.
+    span: Span,
 }
 
 impl PendingRecord {
@@ -369,14 +400,19 @@ impl PendingRecord {
         let renewal = {
             let (store, key) = (Arc::clone(&store), key.clone());
             let lease = config.reservation_lease;
-            actix_web::rt::spawn(async move {
-                let never = keep_reserved(store.as_ref(), &key, token, fingerprint, lease).await;
-                match never {}
-            })
+            actix_web::rt::spawn(
+                async move {
+                    let never =
+                        keep_reserved(store.as_ref(), &key, token, fingerprint, lease).await;
+                    match never {}
+                }
+                .in_current_span(),
+            )
         };
         Self {
             config: Arc::clone(config),
             active: Rc::new(ActiveReservation::new(Arc::clone(&store))),
+            span: Span::current(),
             store,
             key,
             token,
@@ -401,6 +437,17 @@ impl PendingRecord {
     /// Settles the key with the handler's result: a storable response is stored (a streamed
     /// one once it has been sent), anything else frees the key.
     pub(crate) async fn settle<B>(
+        self,
+        result: Result<ServiceResponse<B>, Error>,
+    ) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    where
+        B: MessageBody + 'static,
+    {
+        let span = self.span.clone();
+        self.settle_in_span(result).instrument(span).await
+    }
+
+    async fn settle_in_span<B>(
         mut self,
         result: Result<ServiceResponse<B>, Error>,
     ) -> Result<ServiceResponse<EitherBody<B>>, Error>
@@ -449,21 +496,26 @@ impl PendingRecord {
             }
             Err(stream) => {
                 let (body, recorded) = RecordingBody::new(stream, limit);
-                actix_web::rt::spawn(async move {
-                    match recorded.await {
-                        Ok(Recorded::Whole(bytes)) => {
-                            let stored = StoredResponse::new(status, headers, bytes);
-                            let _nothing_joined = self.complete(Some(stored)).await;
-                        }
-                        Ok(Recorded::TooLarge | Recorded::Abandoned) | Err(_) => {
-                            let _nothing_joined = self.complete(None).await;
-                        }
-                        Ok(Recorded::Failed) => {
-                            log::error!("idempotency: a response body failed while it was sent");
-                            self.release().await;
+                actix_web::rt::spawn(
+                    async move {
+                        match recorded.await {
+                            Ok(Recorded::Whole(bytes)) => {
+                                let stored = StoredResponse::new(status, headers, bytes);
+                                let _nothing_joined = self.complete(Some(stored)).await;
+                            }
+                            Ok(Recorded::TooLarge | Recorded::Abandoned) | Err(_) => {
+                                let _nothing_joined = self.complete(None).await;
+                            }
+                            Ok(Recorded::Failed) => {
+                                tracing::error!(
+                                    "idempotency: a response body failed while it was sent"
+                                );
+                                self.release().await;
+                            }
                         }
                     }
-                });
+                    .in_current_span(),
+                );
                 BoxBody::new(body)
             }
         };
@@ -486,7 +538,7 @@ impl PendingRecord {
             Joined::No => {}
             Joined::Yes(work) => return self.commit_joined(work, record, ttl).await,
             Joined::StillLent => {
-                log::error!(
+                tracing::error!(
                     "idempotency: a handler kept its transaction past its own end (moved it                      into a task?); it cannot commit with the key's record, so nothing is                      committed and the key is freed"
                 );
                 self.release().await;
@@ -507,24 +559,27 @@ impl PendingRecord {
             }
             Err(error) => error,
         };
-        log::warn!("idempotency: could not store a response, retrying: {error}");
+        tracing::warn!("idempotency: could not store a response, retrying: {error}");
         let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
         let lease = self.config.reservation_lease;
         let renewal = self.renewal.take();
-        actix_web::rt::spawn(async move {
-            let stored =
-                retry_within(lease, || store.complete(&key, token, record.clone(), ttl)).await;
-            if let Some(renewal) = renewal {
-                renewal.abort();
-            }
-            match stored {
-                Ok(completion) => log_completion(completion),
-                Err(error) => log::error!(
-                    "idempotency: gave up storing a response: {error}; once its reservation \
+        actix_web::rt::spawn(
+            async move {
+                let stored =
+                    retry_within(lease, || store.complete(&key, token, record.clone(), ttl)).await;
+                if let Some(renewal) = renewal {
+                    renewal.abort();
+                }
+                match stored {
+                    Ok(completion) => log_completion(completion),
+                    Err(error) => tracing::error!(
+                        "idempotency: gave up storing a response: {error}; once its reservation \
                      expires, a retry of this key runs the handler again"
-                ),
+                    ),
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(())
     }
 
@@ -543,7 +598,7 @@ impl PendingRecord {
         match committed {
             Ok(Completion::LostReservation) => {
                 self.stop_renewing();
-                log::error!(
+                tracing::error!(
                     "idempotency: a handler's reservation lapsed and another request took its                      key before it committed; its transaction was rolled back"
                 );
                 Err(IdempotencyError::ReservationLost)
@@ -554,7 +609,7 @@ impl PendingRecord {
                 Ok(())
             }
             Err(error) => {
-                log::error!(
+                tracing::error!(
                     "idempotency: a handler's transaction could not commit with its record \
                      ({error}); its effects were rolled back and its key is freed"
                 );
@@ -570,7 +625,7 @@ impl PendingRecord {
         self.stop_renewing();
         let released = self.store.release(&self.key, self.token).await;
         if let Err(error) = released {
-            log::warn!("idempotency: could not free a key, retrying: {error}");
+            tracing::warn!("idempotency: could not free a key, retrying: {error}");
             release_in_background(
                 Arc::clone(&self.store),
                 self.key.clone(),
@@ -586,6 +641,11 @@ impl PendingRecord {
             renewal.abort();
         }
     }
+}
+
+/// Records how the current request's key was settled, on its span and in the metrics.
+fn decided(outcome: Outcome) {
+    record_outcome(&Span::current(), outcome);
 }
 
 /// The response that replaces the handler's when its outcome could not be recorded.
@@ -606,13 +666,13 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 fn log_completion(completion: Completion) {
     match completion {
         Completion::Stored => {}
-        Completion::StoredWithoutReservation => log::warn!(
+        Completion::StoredWithoutReservation => tracing::warn!(
             "idempotency: a reservation had vanished before its handler finished (renewals \
              failed for a whole lease, or the store lost it: a Redis restart without \
              persistence, an eviction); nobody else had taken the key, so the response was \
              stored"
         ),
-        _ => log::error!(
+        _ => tracing::error!(
             "idempotency: a response was not stored: another request took the key after this \
              one's reservation vanished (renewals failed for a whole lease, or the store lost \
              it), so the handler may have run twice"

@@ -144,6 +144,7 @@ mod key;
 mod key_extractor;
 mod manual;
 mod middleware;
+mod observe;
 mod policy;
 pub mod problems;
 mod replay;

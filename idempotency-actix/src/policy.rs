@@ -127,7 +127,7 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         if let Some(name) = self.store.as_deref() {
             if !is_store_name_registered(name) {
-                log::error!(
+                tracing::error!(
                     "idempotency: a route uses the store `{name}`, but no IdempotencyMiddleware \
                      registers a store under that name (see IdempotencyMiddlewareBuilder::named_store)"
                 );
@@ -217,7 +217,7 @@ fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
     match slot {
         Some(slot) if slot.decision.get() == Decision::Pending => Ok(slot),
         Some(slot) if slot.decision.get() == Decision::ClaimedByRoute => {
-            log::error!(
+            tracing::error!(
                 "idempotency: {} {} carries two idempotency policies (on a scope or resource and \
                  on the route); keep one",
                 req.method(),
@@ -226,7 +226,7 @@ fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
             Err("two idempotency policies apply to this route")
         }
         Some(_) => {
-            log::error!(
+            tracing::error!(
                 "idempotency: the route policy of {} {} was reached after something read the \
                  request body (a middleware between IdempotencyMiddleware and the route), so \
                  the key was already settled by the default. Read the body after the route's \
@@ -237,7 +237,7 @@ fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
             Err("a middleware read the request body before this route's idempotency policy")
         }
         None => {
-            log::error!(
+            tracing::error!(
                 "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
                  registered on the app (App::wrap)",
                 req.method(),

@@ -52,13 +52,13 @@ pub(crate) async fn keep_reserved(
         pause = period;
         match store.renew(key, token, fingerprint, lease).await {
             Ok(Renewal::Renewed) => {}
-            Ok(Renewal::Restored) => log::warn!(
+            Ok(Renewal::Restored) => tracing::warn!(
                 "idempotency: a reservation vanished while its handler ran and was made again; \
                  the store lost it (a Redis restart without persistence, an eviction) or a \
                  renewal came too late. A duplicate that arrived in between may have run"
             ),
             Ok(_) => {
-                log::error!(
+                tracing::error!(
                     "idempotency: another request took over a key while its handler ran (the \
                      reservation vanished: a store restart or eviction, or renewals failed for a \
                      whole lease); the handler may run twice and this response will not be stored"
@@ -66,7 +66,7 @@ pub(crate) async fn keep_reserved(
                 return std::future::pending().await;
             }
             Err(error) => {
-                log::warn!("idempotency: could not renew a reservation, retrying: {error}");
+                tracing::warn!("idempotency: could not renew a reservation, retrying: {error}");
                 pause = (period / 4).max(FIRST_RETRY);
             }
         }
@@ -117,7 +117,7 @@ pub(crate) fn release_in_background(
     actix_web::rt::spawn(async move {
         let released = retry_within(lease, || store.release(&key, token)).await;
         if let Err(error) = released {
-            log::error!("idempotency: could not free a key (its lease will): {error}");
+            tracing::error!("idempotency: could not free a key (its lease will): {error}");
         }
     });
 }

@@ -53,7 +53,7 @@ impl Evictions {
         };
         *last = Some((now, total));
         drop(last);
-        log::warn!(
+        tracing::warn!(
             "idempotency: the memory store is full and evicted {since} record(s) before their \
              TTL ({total} in all); a retry of an evicted key runs its handler again. \
              Raise MemoryStore::builder().max_bytes(..) or shorten record_ttl"

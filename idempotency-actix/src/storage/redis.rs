@@ -557,7 +557,7 @@ fn millis(duration: Duration) -> u64 {
 async fn warn_about_unsafe_settings(connection: &Connection) {
     for (server, policy) in setting(connection, "maxmemory-policy").await {
         if policy != "noeviction" {
-            log::warn!(
+            tracing::warn!(
                 "idempotency: {server} runs with maxmemory-policy {policy}; under memory \
                  pressure it may evict a reservation or record and let a request run twice. \
                  Set maxmemory-policy noeviction"
@@ -571,7 +571,7 @@ async fn warn_about_unsafe_settings(connection: &Connection) {
             .find(|(other, _)| *other == server)
             .map(|(_, save)| save.as_str());
         if append_only == "no" && saves == Some("") {
-            log::warn!(
+            tracing::warn!(
                 "idempotency: {server} keeps nothing on disk (appendonly no, no save points); \
                  a Redis restart forgets every completed record, and retries of those requests \
                  run again. Set appendonly yes for records that survive a restart"

@@ -87,8 +87,8 @@ impl ExpiryJob {
         loop {
             match self.run_once().await {
                 Ok(0) => {}
-                Ok(deleted) => log::debug!("idempotency: deleted {deleted} expired keys"),
-                Err(error) => log::warn!("idempotency: could not delete expired keys: {error}"),
+                Ok(deleted) => tracing::debug!("idempotency: deleted {deleted} expired keys"),
+                Err(error) => tracing::warn!("idempotency: could not delete expired keys: {error}"),
             }
             tokio::time::sleep(self.period).await;
         }

@@ -115,7 +115,9 @@ impl FromRequest for IdempotentTransaction {
                 }),
                 Err(error) => {
                     drop(reservation.take());
-                    log::error!("idempotency: could not begin a handler's transaction: {error}");
+                    tracing::error!(
+                        "idempotency: could not begin a handler's transaction: {error}"
+                    );
                     Err(IdempotencyError::StoreUnavailable)
                 }
             }

@@ -68,12 +68,12 @@ impl Changes {
             .replace(Instant::now() + RETRY_AFTER)
             .is_none();
         if first {
-            log::warn!(
+            tracing::warn!(
                 "idempotency: waiting duplicates cannot be woken by Redis ({error}); they poll, \
                  and waking is tried again every second"
             );
         } else {
-            log::debug!("idempotency: waiting duplicates still poll: {error}");
+            tracing::debug!("idempotency: waiting duplicates still poll: {error}");
         }
     }
 

@@ -1,0 +1,202 @@
+//! What operators see: one `tracing` span per keyed request with its outcome, and `metrics`
+//! counters and histograms (names below), through the ecosystem's facades: without a
+//! subscriber or a recorder installed they cost next to nothing.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `idempotency_requests_total` | counter | `outcome` |
+//! | `idempotency_store_errors_total` | counter | `operation` |
+//! | `idempotency_store_duration_seconds` | histogram | `operation` |
+
+use std::{
+    any::Any,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::future::LocalBoxFuture;
+use sha2::{Digest, Sha256};
+use tracing::Span;
+
+use crate::{
+    storage::{CompletedRecord, Completion, DynStore, Renewal, Reservation, ReservationToken},
+    Fingerprint, IdempotencyError, StoreError,
+};
+
+/// The counter of keyed requests, by outcome.
+pub(crate) const REQUESTS: &str = "idempotency_requests_total";
+/// The counter of failed store operations, by operation.
+pub(crate) const STORE_ERRORS: &str = "idempotency_store_errors_total";
+/// The histogram of store operation durations in seconds, by operation.
+pub(crate) const STORE_DURATION: &str = "idempotency_store_duration_seconds";
+
+/// How a keyed request was answered: the `outcome` of its span and of the request counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It reserved its key and its handler ran.
+    Fresh,
+    /// It was answered from a stored record (or, in manual mode, its handler saw one).
+    Replayed,
+    /// Another request with its key was still running.
+    InFlight,
+    /// Its key was used before with another payload.
+    Mismatch,
+    /// Refused before anything was looked up or run: a missing or invalid key, a body too large
+    /// or unreadable, a record that cannot be replayed or read, a misconfiguration.
+    Refused,
+    /// The store failed or was full; the request was refused.
+    StoreError,
+    /// The store failed and the handler ran unprotected (fail-open).
+    Unprotected,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Fresh => "fresh",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::Mismatch => "mismatch",
+            Self::Refused => "refused",
+            Self::StoreError => "store_error",
+            Self::Unprotected => "unprotected",
+        }
+    }
+
+    /// The outcome of a request refused with `error`.
+    pub(crate) fn of_refusal(error: &IdempotencyError) -> Self {
+        match error {
+            IdempotencyError::PayloadMismatch => Self::Mismatch,
+            IdempotencyError::InFlight { .. } => Self::InFlight,
+            IdempotencyError::StoreUnavailable => Self::StoreError,
+            _ => Self::Refused,
+        }
+    }
+}
+
+/// The span of one keyed request. The key is never in it: only the first 12 hex digits of a
+/// SHA-256 of its storage key, enough to follow one key through the logs.
+pub(crate) fn keyed_request_span(method: &str, route: &str) -> Span {
+    tracing::info_span!(
+        "idempotency",
+        method,
+        route,
+        key = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
+}
+
+/// Records the storage key's digest on the current span, if it is enabled.
+pub(crate) fn record_key(span: &Span, storage_key: &str) {
+    if span.is_disabled() {
+        return;
+    }
+    let digest = Sha256::digest(storage_key.as_bytes());
+    let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    span.record("key", short.as_str());
+}
+
+/// Records how the request was answered, on its span and in the request counter.
+pub(crate) fn record_outcome(span: &Span, outcome: Outcome) {
+    span.record("outcome", outcome.as_str());
+    metrics::counter!(REQUESTS, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// A store with every operation timed and counted.
+pub(crate) struct Observed<S> {
+    inner: S,
+}
+
+impl<S: DynStore> Observed<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+async fn timed<T>(
+    operation: &'static str,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = call.await;
+    let elapsed = started.elapsed();
+    metrics::histogram!(STORE_DURATION, "operation" => operation).record(elapsed.as_secs_f64());
+    if let Err(error) = &result {
+        metrics::counter!(STORE_ERRORS, "operation" => operation).increment(1);
+        tracing::debug!(operation, elapsed_ms = millis(elapsed), %error, "store call failed");
+    } else {
+        tracing::trace!(operation, elapsed_ms = millis(elapsed), "store call");
+    }
+    result
+}
+
+fn millis(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1000.0
+}
+
+impl<S: DynStore> DynStore for Observed<S> {
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> LocalBoxFuture<'a, Result<Reservation, StoreError>> {
+        Box::pin(timed(
+            "reserve",
+            self.inner.reserve(key, token, fingerprint, lease),
+        ))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> LocalBoxFuture<'a, Result<Renewal, StoreError>> {
+        Box::pin(timed(
+            "renew",
+            self.inner.renew(key, token, fingerprint, lease),
+        ))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+        record: CompletedRecord,
+        ttl: Duration,
+    ) -> LocalBoxFuture<'a, Result<Completion, StoreError>> {
+        Box::pin(timed(
+            "complete",
+            self.inner.complete(key, token, record, ttl),
+        ))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        token: ReservationToken,
+    ) -> LocalBoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(timed("release", self.inner.release(key, token)))
+    }
+
+    fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
+        self.inner.wait_for_change(key, within)
+    }
+
+    fn longest_notified_wait(&self) -> Option<Duration> {
+        self.inner.longest_notified_wait()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self.inner.as_any()
+    }
+}
+
+/// The store as the middleware holds it: observed.
+pub(crate) fn observed<S: crate::IdempotencyStore>(store: S) -> Arc<dyn DynStore> {
+    Arc::new(Observed::new(store))
+}

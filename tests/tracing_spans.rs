@@ -1,0 +1,150 @@
+//! One `tracing` span per keyed request, carrying its outcome, and never the key in clear.
+
+use std::sync::{Arc, Mutex};
+
+use actix_web::{http::StatusCode, test, web, App};
+use idempotency_actix::{IdempotencyMiddleware, MemoryStore};
+use idempotency_actix_workspace::{
+    orders::{routes, Orders},
+    respond,
+};
+use serde_json::json;
+use tracing::{
+    field::{Field, Visit},
+    span, Event, Subscriber,
+};
+use tracing_subscriber::{layer::Context, prelude::*, registry::LookupSpan, Layer};
+
+/// The fields of one span or event, as text.
+#[derive(Debug, Default, Clone)]
+struct Fields(Vec<(String, String)>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+impl Fields {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Every closed `idempotency` span with its fields, and every event's fields.
+#[derive(Debug, Default, Clone)]
+struct Recorded {
+    spans: Arc<Mutex<Vec<Fields>>>,
+    events: Arc<Mutex<Vec<Fields>>>,
+}
+
+impl<S> Layer<S> for Recorded
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(fields) = span.extensions_mut().get_mut::<Fields>() {
+                values.record(fields);
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fields);
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        if span.name() != "idempotency" {
+            return;
+        }
+        let fields = span.extensions().get::<Fields>().cloned();
+        if let Some(fields) = fields {
+            self.spans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(fields);
+        }
+    }
+}
+
+fn order(key: &str, item: &str) -> actix_http::Request {
+    test::TestRequest::post()
+        .uri("/orders")
+        .insert_header(("Idempotency-Key", key.to_owned()))
+        .set_json(json!({ "item": item }))
+        .to_request()
+}
+
+#[actix_rt::test]
+async fn each_keyed_request_has_a_span_with_its_outcome_and_no_key_in_clear() {
+    let recorded = Recorded::default();
+    let subscriber = tracing_subscriber::registry().with(recorded.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+            .configure(routes(web::Data::new(Orders::default()))),
+    )
+    .await;
+    let key = "tracing-secret-key";
+    assert_eq!(
+        respond(&app, order(key, "book")).await.status,
+        StatusCode::CREATED
+    );
+    assert!(respond(&app, order(key, "book")).await.is_replay());
+    assert_eq!(
+        respond(&app, order(key, "pen")).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    let spans = recorded
+        .spans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let outcomes: Vec<_> = spans.iter().map(|span| span.get("outcome")).collect();
+    assert_eq!(
+        outcomes,
+        [Some("fresh"), Some("replayed"), Some("mismatch")],
+        "{spans:?}"
+    );
+    let keys: Vec<_> = spans.iter().map(|span| span.get("key")).collect();
+    assert!(
+        keys.iter()
+            .all(|k| k.is_some_and(|k| k.len() == 12) && *k == keys[0]),
+        "one short digest follows the key through its requests: {keys:?}"
+    );
+    assert!(spans.iter().all(|span| span.get("method") == Some("POST")));
+    let everything = format!(
+        "{spans:?}{:?}",
+        recorded.events.lock().unwrap_or_else(|e| e.into_inner())
+    );
+    assert!(
+        !everything.contains(key),
+        "the key never appears in clear: {everything}"
+    );
+}
