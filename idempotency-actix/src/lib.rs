@@ -84,6 +84,15 @@
 //! write in the transaction that also commits its key's record: its effects exist if and only
 //! if the record does.
 //!
+//! # Observability
+//!
+//! Every keyed request runs in one `idempotency` [tracing](https://docs.rs/tracing) span with its
+//! `outcome` and a 12-digit digest of its key (never the key in clear); the
+//! [metrics](https://docs.rs/metrics) facade receives `idempotency_requests_total{outcome}`,
+//! `idempotency_store_errors_total{operation}` and
+//! `idempotency_store_duration_seconds{operation}`. `log` users keep seeing warnings and errors
+//! through tracing's `log` feature.
+//!
 //! # Crate features
 //!
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
