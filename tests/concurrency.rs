@@ -237,3 +237,37 @@ async fn a_default_store_built_inside_the_server_factory_is_still_one_store() {
     }
     assert_eq!(runs.count(), 1, "one store for both workers");
 }
+
+/// A store from the builder, built inside `HttpServer::new`, would be one store per worker:
+/// the server refuses to start, with an error that says why in the log.
+#[test]
+fn a_store_built_by_each_worker_stops_the_server_at_start_up() {
+    let outcome = std::thread::spawn(|| {
+        actix_web::rt::System::new().block_on(async {
+            let server = actix_web::HttpServer::new(|| {
+                App::new()
+                    .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+                    .app_data(web::Data::new(Runs::default()))
+                    .service(slow)
+            })
+            .workers(2)
+            .disable_signals()
+            .shutdown_timeout(1)
+            .bind("127.0.0.1:0")?
+            .run();
+            let handle = server.handle();
+            let ran = tokio::time::timeout(Duration::from_secs(5), server).await;
+            if ran.is_err() {
+                handle.stop(false).await;
+            }
+            Ok::<_, std::io::Error>(ran.map_err(|_| "the server started and kept running"))
+        })
+    })
+    .join();
+    match outcome {
+        Ok(Ok(Ok(Err(refused)))) => {
+            assert!(refused.to_string().contains("service"), "{refused}");
+        }
+        other => panic!("the server must refuse to start: {other:?}"),
+    }
+}

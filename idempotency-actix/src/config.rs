@@ -114,6 +114,11 @@ impl Config {
             .is_ok()
     }
 
+    /// Every store, the default and the named ones.
+    pub(crate) fn stores(&self) -> impl Iterator<Item = &Arc<dyn DynStore>> {
+        std::iter::once(&self.store).chain(self.named_stores.values())
+    }
+
     pub(crate) fn store(&self, name: Option<&str>) -> Option<&Arc<dyn DynStore>> {
         match name {
             None => Some(&self.store),

@@ -22,7 +22,7 @@ use crate::{
     config::{Config, Mode},
     context::{is_safe, Decision, RequestFacts, RouteSlot},
     deferred::{self, deferred_default},
-    flow, IdempotencyMiddlewareBuilder, IdempotencyStore,
+    flow, IdempotencyMiddlewareBuilder, IdempotencyStore, MemoryStore,
 };
 
 /// The idempotency middleware, registered once on the app with [`App::wrap`](actix_web::App::wrap).
@@ -127,11 +127,41 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
+        if let Err(why) = refuse_per_worker_stores(&self.config) {
+            tracing::error!("idempotency: {why}");
+            return ready(Err(()));
+        }
         ready(Ok(InnerIdempotencyMiddleware {
             service: Rc::new(service),
             config: Arc::clone(&self.config),
         }))
     }
+}
+
+/// Refuses to start a worker whose in-memory store was built by that worker: inside
+/// `HttpServer::new`, whose closure runs once per worker, every worker would get a store of its
+/// own and run each request once. (`MemoryStore::default()` is one store per process, so it is
+/// never refused.)
+fn refuse_per_worker_stores(config: &Config) -> Result<(), &'static str> {
+    // actix-server runs each worker on an arbiter thread of its own, named after it.
+    let on_a_worker = std::thread::current().name().is_some_and(|name| {
+        name.starts_with("actix-rt|system:") || name.starts_with("actix-server worker")
+    });
+    let built_here = config.stores().any(|store| {
+        store
+            .as_any()
+            .downcast_ref::<MemoryStore>()
+            .is_some_and(MemoryStore::built_on_this_thread)
+    });
+    if on_a_worker && built_here {
+        return Err(
+            "a MemoryStore was built inside HttpServer::new, whose closure runs once per \
+             worker: each worker would have its own store and run every request once. Build \
+             the store (and the middleware) before HttpServer::new and clone them into the \
+             closure, or use MemoryStore::default(), which is one store per process",
+        );
+    }
+    Ok(())
 }
 
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;

@@ -97,6 +97,8 @@ impl Evictions {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
+    /// The thread a store from the builder was built on; `None` for the process-wide default.
+    built_on: Option<std::thread::ThreadId>,
     in_flight: Arc<InFlightMap>,
     records: Arc<Records>,
     max_in_flight: u64,
@@ -124,7 +126,10 @@ impl Default for MemoryStore {
     /// the default bounds. Build a separate store with [`MemoryStore::builder`].
     fn default() -> Self {
         PROCESS_DEFAULT
-            .get_or_init(|| Self::builder().build())
+            .get_or_init(|| Self {
+                built_on: None,
+                ..Self::builder().build()
+            })
             .clone()
     }
 }
@@ -136,6 +141,12 @@ impl MemoryStore {
             max_bytes: 256 * 1024 * 1024,
             max_in_flight: 100_000,
         }
+    }
+
+    /// Whether this store was built by [`MemoryStore::builder`] on the calling thread: on an
+    /// actix worker, that means it was built inside `HttpServer::new`, once per worker.
+    pub(crate) fn built_on_this_thread(&self) -> bool {
+        self.built_on == Some(std::thread::current().id())
     }
 
     /// How many completed records were evicted before their TTL because the store was full.
@@ -390,6 +401,7 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
+            built_on: Some(std::thread::current().id()),
             in_flight: Arc::new(InFlightMap::default()),
             records: Arc::new(Records::new(self.max_bytes)),
             max_in_flight: self.max_in_flight,
@@ -405,7 +417,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn memory_store_keeps_the_store_contract() {
-        conformance::run_all(MemoryStore::default).await;
+        conformance::run_all(|| MemoryStore::builder().build()).await;
     }
 
     /// The same suite on a store small enough for its capacity case to evict records.
