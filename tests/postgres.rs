@@ -235,9 +235,10 @@ async fn a_transaction_outside_a_settled_postgres_key_is_refused() {
         fail_first: false,
         wait: Duration::ZERO,
     });
+    let idempotency = IdempotencyMiddleware::new(MemoryStore::builder().build());
     let server = TestServer::start(1, move || {
         App::new()
-            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+            .wrap(idempotency.clone())
             .app_data(effects.clone())
             .service(write_effect)
     })
