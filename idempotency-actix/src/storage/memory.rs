@@ -23,7 +23,8 @@ use super::{
     in_flight::{deadline, InFlight, InFlightMap},
     memory_key::MemoryKey,
     records::Records,
-    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
+    ReservationToken,
 };
 use crate::{Fingerprint, StoreError};
 
@@ -262,6 +263,30 @@ impl MemoryStore {
         }
     }
 
+    fn inspect_now(&self, key: &str) -> Option<KeyState> {
+        let key = &MemoryKey::new(key);
+        let now = Instant::now();
+        let locked = self.in_flight.lock(key);
+        if let Some(owner) = locked.get(key).filter(|owner| owner.is_live(now)) {
+            return Some(KeyState::InFlight {
+                fingerprint: owner.fingerprint,
+                remaining_lease: owner.expires_at.saturating_duration_since(now),
+            });
+        }
+        self.records.peek(key).map(KeyState::Completed)
+    }
+
+    fn purge_now(&self, key: &str) -> bool {
+        let key = &MemoryKey::new(key);
+        let now = Instant::now();
+        let mut locked = self.in_flight.lock(key);
+        let reserved = locked.get(key).is_some_and(|owner| owner.is_live(now));
+        // Removing the reservation wakes its waiting duplicates, as a release does.
+        locked.remove(key);
+        let recorded = self.records.remove(key);
+        reserved || recorded
+    }
+
     async fn wait_for_end(&self, key: &str, within: Duration) {
         let key = &MemoryKey::new(key);
         let ended = {
@@ -341,6 +366,14 @@ impl IdempotencyStore for MemoryStore {
         ready(Ok(()))
     }
 
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        ready(Ok(self.inspect_now(key)))
+    }
+
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
+        ready(Ok(self.purge_now(key)))
+    }
+
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
         self.wait_for_end(key, within)
     }
@@ -405,7 +438,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn memory_store_keeps_the_store_contract() {
-        conformance::run_all(MemoryStore::default).await;
+        conformance::run_all(|| MemoryStore::builder().build()).await;
     }
 
     /// The same suite on a store small enough for its capacity case to evict records.
