@@ -131,6 +131,7 @@
 // which feature it needs on docs.rs.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod admin;
 mod body;
 mod config;
 mod context;
@@ -151,6 +152,7 @@ mod scope;
 pub mod storage;
 mod upkeep;
 
+pub use admin::{IdempotencyAdmin, KeyTarget};
 pub use config::{IdempotencyMiddlewareBuilder, InFlightStatus, Mode, ReplayStatus, StoreOutage};
 pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
 pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};
