@@ -45,10 +45,10 @@ impl AdminAccess {
         }
     }
 
-    /// Whether `req` carries the token: `Err` with the answer to give when it does not.
-    fn check(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
+    /// The answer to give when `req` does not carry the token, or `None` when it does.
+    fn refusal(&self, req: &HttpRequest) -> Option<HttpResponse> {
         let Some(expected) = &self.token else {
-            return Err(problem(StatusCode::NOT_FOUND, "Not found", None));
+            return Some(problem(StatusCode::NOT_FOUND, "Not found", None));
         };
         let presented = req
             .headers()
@@ -66,12 +66,10 @@ impl AdminAccess {
                     header::WWW_AUTHENTICATE,
                     header::HeaderValue::from_static("Bearer"),
                 );
-                Err(response)
+                Some(response)
             }
-            Some(presented) if constant_time_eq(presented.as_bytes(), expected.as_bytes()) => {
-                Ok(())
-            }
-            Some(_) => Err(problem(
+            Some(presented) if constant_time_eq(presented.as_bytes(), expected.as_bytes()) => None,
+            Some(_) => Some(problem(
                 StatusCode::FORBIDDEN,
                 "Wrong admin token",
                 Some("the bearer token is not the admin token"),
@@ -110,18 +108,12 @@ struct KeyQuery {
 }
 
 impl KeyQuery {
-    fn target(&self) -> Result<KeyTarget, HttpResponse> {
-        let invalid = |detail: String| {
-            problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid key query",
-                Some(detail.as_str()),
-            )
-        };
-        let key = IdempotencyKey::try_from(self.key.as_str())
-            .map_err(|error| invalid(format!("key: {error}")))?;
+    /// The target the query names, or why it names none.
+    fn target(&self) -> Result<KeyTarget, String> {
+        let key =
+            IdempotencyKey::try_from(self.key.as_str()).map_err(|error| format!("key: {error}"))?;
         let method = Method::from_bytes(self.method.as_deref().unwrap_or("POST").as_bytes())
-            .map_err(|error| invalid(format!("method: {error}")))?;
+            .map_err(|error| format!("method: {error}"))?;
         Ok(KeyTarget::new(method, self.path.clone(), key)
             .scope(self.scope.clone().filter(|scope| !scope.is_empty()))
             .store(self.store.clone().filter(|store| !store.is_empty())))
@@ -165,12 +157,14 @@ async fn look_up_key(
     access: web::Data<AdminAccess>,
     query: web::Query<KeyQuery>,
 ) -> HttpResponse {
-    if let Err(refused) = access.check(&req) {
+    if let Some(refused) = access.refusal(&req) {
         return refused;
     }
     let target = match query.target() {
         Ok(target) => target,
-        Err(invalid) => return invalid,
+        Err(invalid) => {
+            return problem(StatusCode::BAD_REQUEST, "Invalid key query", Some(&invalid))
+        }
     };
     match access.admin.lookup(&target).await {
         Ok(Some(state)) => HttpResponse::Ok().json(describe(&state)),
@@ -190,12 +184,14 @@ async fn purge_key(
     access: web::Data<AdminAccess>,
     query: web::Query<KeyQuery>,
 ) -> HttpResponse {
-    if let Err(refused) = access.check(&req) {
+    if let Some(refused) = access.refusal(&req) {
         return refused;
     }
     let target = match query.target() {
         Ok(target) => target,
-        Err(invalid) => return invalid,
+        Err(invalid) => {
+            return problem(StatusCode::BAD_REQUEST, "Invalid key query", Some(&invalid))
+        }
     };
     match access.admin.purge(&target).await {
         Ok(true) => HttpResponse::NoContent().finish(),

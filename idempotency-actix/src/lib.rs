@@ -84,6 +84,14 @@
 //! write in the transaction that also commits its key's record: its effects exist if and only
 //! if the record does.
 //!
+//! # Operating it
+//!
+//! [`IdempotencyMiddleware::admin`] gives support tools, [`IdempotencyAdmin`]: look up what a
+//! client's key holds (in flight, or the stored status and body) and purge it so that the next
+//! retry runs, naming the request with a [`KeyTarget`] (method, path, key, caller scope, named
+//! store) that is encoded as the middleware encodes it. Every store implements the underlying
+//! [`IdempotencyStore::inspect`] and [`IdempotencyStore::purge`].
+//!
 //! # Crate features
 //!
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
