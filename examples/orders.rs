@@ -3,7 +3,9 @@
 //! transaction); on a Redis Cluster when `IDEMPOTENCY_REDIS_CLUSTER_URLS=redis://h:p,..` is set;
 //! or on Redis when `IDEMPOTENCY_REDIS_URL` is set. On any of those, several copies on several
 //! ports behave as one server. `IDEMPOTENCY_LEASE_MS` sets the reservation
-//! lease (how soon a crashed request's key is free again).
+//! lease (how soon a crashed request's key is free again). `IDEMPOTENCY_ADMIN_TOKEN` turns on
+//! the admin routes (`GET`/`DELETE /admin/idempotency-keys?key=K&path=/orders`, bearer token;
+//! see the README's "Operating it" section).
 //!
 //! The routes and the set-up are in `src/orders.rs`, shared with the tests, which also run this
 //! very server as a process (`src/bin/orders_demo.rs`).

@@ -11,7 +11,7 @@ use std::{
 };
 
 use idempotency_actix::{
-    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
+    storage::{CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken},
     Fingerprint, IdempotencyStore, MemoryStore, StoreError,
 };
 
@@ -114,6 +114,14 @@ impl IdempotencyStore for FaultyStore {
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
         self.store.release(key, token)
+    }
+
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        self.store.inspect(key)
+    }
+
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
+        self.store.purge(key)
     }
 
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {

@@ -1,6 +1,7 @@
 //! Support for the workspace's integration tests and benchmark: a real server on a free port,
 //! and a handler-run counter. Not published.
 
+pub mod admin;
 pub mod faulty;
 pub mod orders;
 pub mod postgres;

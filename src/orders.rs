@@ -27,6 +27,8 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::admin::{admin_routes, AdminAccess};
+
 /// Where orders are kept: counted in this process, counted in Redis or a Redis Cluster (shared
 /// by every copy), or stored in a Postgres table, each inside its request's idempotency
 /// transaction.
@@ -341,7 +343,8 @@ pub fn routes(orders: web::Data<Orders>) -> impl FnOnce(&mut web::ServiceConfig)
 /// request's idempotency transaction); on a Redis Cluster when
 /// `IDEMPOTENCY_REDIS_CLUSTER_URLS=redis://h:p,redis://h:p,..` is set; on Redis when
 /// `IDEMPOTENCY_REDIS_URL` is set.
-/// `IDEMPOTENCY_LEASE_MS` sets the reservation lease. Prints `listening on http://ADDRESS`,
+/// `IDEMPOTENCY_LEASE_MS` sets the reservation lease. `IDEMPOTENCY_ADMIN_TOKEN` turns on the
+/// admin routes ([`crate::admin`]) for callers sending it as a bearer token. Prints `listening on http://ADDRESS`,
 /// then serves until stopped.
 pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
     // One store and one order counter for every worker: built here, outside the factory.
@@ -399,12 +402,17 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
             }
         }
     });
+    let admin = AdminAccess::new(
+        idempotency.admin(),
+        std::env::var("IDEMPOTENCY_ADMIN_TOKEN").ok(),
+    );
     let server = HttpServer::new(move || {
         App::new()
             .wrap(idempotency.clone())
             .wrap(Logger::default())
             .configure(routes(orders.clone()))
             .configure(metrics_route(metrics.clone()))
+            .configure(admin_routes(admin.clone()))
     })
     .bind(bind)?;
     for address in server.addrs() {

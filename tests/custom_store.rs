@@ -12,7 +12,9 @@ use std::{
 use actix_web::{http::StatusCode, post, test as actix_test, web, App, HttpResponse};
 use idempotency_actix::{
     idempotent,
-    storage::{conformance, CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
+    storage::{
+        conformance, CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken,
+    },
     Fingerprint, IdempotencyMiddleware, IdempotencyStore, MemoryStore, StoreError,
 };
 
@@ -58,6 +60,14 @@ impl IdempotencyStore for CountingStore {
 
     async fn release(&self, key: &str, token: ReservationToken) -> Result<(), StoreError> {
         self.inner.release(key, token).await
+    }
+
+    async fn inspect(&self, key: &str) -> Result<Option<KeyState>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn purge(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.purge(key).await
     }
 }
 
@@ -124,6 +134,14 @@ impl IdempotencyStore for ForgetfulStore {
 
     async fn release(&self, key: &str, token: ReservationToken) -> Result<(), StoreError> {
         self.0.release(key, token).await
+    }
+
+    async fn inspect(&self, key: &str) -> Result<Option<KeyState>, StoreError> {
+        self.0.inspect(key).await
+    }
+
+    async fn purge(&self, key: &str) -> Result<bool, StoreError> {
+        self.0.purge(key).await
     }
 }
 

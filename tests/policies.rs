@@ -6,7 +6,7 @@ use actix_service::{IntoServiceFactory, ServiceFactory};
 use actix_web::{dev::AppConfig, http::StatusCode, post, test, web, App, HttpResponse};
 use idempotency_actix::{
     idempotency_exempt, idempotency_manual, idempotent,
-    storage::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken},
+    storage::{CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken},
     Fingerprint, IdempotencyMiddleware, IdempotencyPolicy, IdempotencyStore, ManualIdempotency,
     MemoryStore, Mode, StoreError, StoreOutage,
 };
@@ -427,6 +427,13 @@ impl IdempotencyStore for DownStore {
         _: &str,
         _: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
+        std::future::ready(Err(down()))
+    }
+    fn inspect(&self, _: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        std::future::ready(Err(down()))
+    }
+
+    fn purge(&self, _: &str) -> impl Future<Output = Result<bool, StoreError>> {
         std::future::ready(Err(down()))
     }
 }

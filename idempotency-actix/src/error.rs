@@ -207,6 +207,10 @@ pub enum StoreError {
     /// cannot protect never runs unprotected.
     #[error("idempotency store is full: {0}")]
     Full(String),
+    /// An [`IdempotencyAdmin`](crate::IdempotencyAdmin) call named a store the middleware does
+    /// not have (see [`KeyTarget::store`](crate::KeyTarget::store)).
+    #[error("no idempotency store is registered under the name {0:?}")]
+    UnknownStore(String),
 }
 
 /// Why a configuration was refused by [`IdempotencyMiddlewareBuilder::build`](crate::IdempotencyMiddlewareBuilder::build).

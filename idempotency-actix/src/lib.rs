@@ -93,6 +93,14 @@
 //! `idempotency_store_duration_seconds{operation}`. `log` users keep seeing warnings and errors
 //! through tracing's `log` feature.
 //!
+//! # Operating it
+//!
+//! [`IdempotencyMiddleware::admin`] gives support tools, [`IdempotencyAdmin`]: look up what a
+//! client's key holds (in flight, or the stored status and body) and purge it so that the next
+//! retry runs, naming the request with a [`KeyTarget`] (method, path, key, caller scope, named
+//! store) that is encoded as the middleware encodes it. Every store implements the underlying
+//! [`IdempotencyStore::inspect`] and [`IdempotencyStore::purge`].
+//!
 //! # Crate features
 //!
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
@@ -140,6 +148,7 @@
 // which feature it needs on docs.rs.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod admin;
 mod body;
 mod config;
 mod context;
@@ -161,6 +170,7 @@ mod scope;
 pub mod storage;
 mod upkeep;
 
+pub use admin::{IdempotencyAdmin, KeyTarget};
 pub use config::{IdempotencyMiddlewareBuilder, InFlightStatus, Mode, ReplayStatus, StoreOutage};
 pub use encoder::{DefaultKeyEncoder, KeyEncoder, KeyParts, PythonKeyEncoder};
 pub use error::{ConfigError, IdempotencyError, StoreError, PROBLEM_TYPE_BASE};

@@ -109,6 +109,11 @@ impl IdempotencyMiddleware {
         Self { config }
     }
 
+    /// The configuration, shared (for [`IdempotencyAdmin`](crate::IdempotencyAdmin)).
+    pub(crate) fn shared_config(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
+    }
+
     #[cfg(test)]
     pub(crate) fn config(&self) -> &Config {
         &self.config

@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 use tracing::Span;
 
 use crate::{
-    storage::{CompletedRecord, Completion, DynStore, Renewal, Reservation, ReservationToken},
+    storage::{
+        CompletedRecord, Completion, DynStore, KeyState, Renewal, Reservation, ReservationToken,
+    },
     Fingerprint, IdempotencyError, StoreError,
 };
 
@@ -181,6 +183,17 @@ impl<S: DynStore> DynStore for Observed<S> {
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>> {
         Box::pin(timed("release", self.inner.release(key, token)))
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> LocalBoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        Box::pin(timed("inspect", self.inner.inspect(key)))
+    }
+
+    fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(timed("purge", self.inner.purge(key)))
     }
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {

@@ -57,10 +57,26 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AuthorizationScope;
 
+impl AuthorizationScope {
+    /// The scope of a caller whose `Authorization` header value is `authorization` (the whole
+    /// value, `Bearer ..` included): its lower-case hex SHA-256. For operators who look a key
+    /// up with [`IdempotencyAdmin`](crate::IdempotencyAdmin).
+    ///
+    /// ```
+    /// use idempotency_actix::AuthorizationScope;
+    ///
+    /// let scope = AuthorizationScope::scope_of(b"Bearer alice");
+    /// assert_eq!(scope.len(), 64);
+    /// ```
+    pub fn scope_of(authorization: &[u8]) -> String {
+        format!("{:x}", Sha256::digest(authorization))
+    }
+}
+
 impl CallerScope for AuthorizationScope {
     fn scope(&self, req: &HttpRequest) -> Option<String> {
         let value = req.headers().get(AUTHORIZATION)?;
-        Some(format!("{:x}", Sha256::digest(value.as_bytes())))
+        Some(Self::scope_of(value.as_bytes()))
     }
 }
 

@@ -17,9 +17,10 @@
 //! use idempotency_actix::{storage::conformance, MemoryStore};
 //!
 //! // A custom store would be built here, each time on an empty key space
-//! // (a new table, database or key prefix).
+//! // (a new table, database or key prefix). `MemoryStore::default()` would not do: it is
+//! // one store per process.
 //! fn fresh_store() -> MemoryStore {
-//!     MemoryStore::default()
+//!     MemoryStore::builder().build()
 //! }
 //!
 //! #[tokio::test]
@@ -36,8 +37,8 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 
 use super::{
-    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
-    StoredResponse,
+    CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
+    ReservationToken, StoredResponse,
 };
 use crate::Fingerprint;
 
@@ -130,6 +131,15 @@ async fn is_in_flight<S: IdempotencyStore>(store: &S, key: &str) -> bool {
 ///   reserved nothing is harmless.
 /// - *Reservations survive capacity pressure*: filling the store with records never drops a
 ///   reservation, and its owner can still complete it.
+/// - *Inspection reports what a key holds*: [`inspect`](IdempotencyStore::inspect) of a free
+///   key is `None` (and does not reserve it), of a reservation [`KeyState::InFlight`] with the
+///   owner's fingerprint and remaining lease, of a completed key [`KeyState::Completed`] with
+///   its record.
+/// - *A purged reservation frees the key*: [`purge`](IdempotencyStore::purge) says it found
+///   something, the next reservation acquires the key, and the purged owner can no longer
+///   complete it.
+/// - *A purged record lets the next reservation run*, and inspection finds nothing.
+/// - *Purging a free key finds nothing*: it answers `false`.
 ///
 /// [`reserve`]: IdempotencyStore::reserve
 pub async fn run_all<S, F>(make: F)
@@ -150,6 +160,10 @@ where
     late_completion_of_a_key_nobody_took_is_stored(make()).await;
     reservation_with_a_lost_answer_is_freed_by_its_token(make()).await;
     reservations_survive_capacity_pressure(make()).await;
+    inspection_reports_what_a_key_holds(make()).await;
+    purged_reservation_frees_the_key(make()).await;
+    purged_record_lets_the_next_reservation_run(make()).await;
+    purging_a_free_key_finds_nothing(make()).await;
 }
 
 async fn only_one_of_two_reservations_wins<S: IdempotencyStore>(store: S) {
@@ -478,4 +492,109 @@ async fn reservations_survive_capacity_pressure<S: IdempotencyStore>(store: S) {
         Ok(Reservation::Completed(stored)) => assert_eq!(*stored, record("held")),
         other => panic!("the newest record must be kept, got {other:?}"),
     }
+}
+
+async fn inspect<S: IdempotencyStore>(store: &S, key: &str) -> Option<KeyState> {
+    match store.inspect(key).await {
+        Ok(state) => state,
+        Err(error) => panic!("inspect({key}) failed: {error}"),
+    }
+}
+
+async fn purge<S: IdempotencyStore>(store: &S, key: &str) -> bool {
+    match store.purge(key).await {
+        Ok(found) => found,
+        Err(error) => panic!("purge({key}) failed: {error}"),
+    }
+}
+
+async fn inspection_reports_what_a_key_holds<S: IdempotencyStore>(store: S) {
+    let free = inspect(&store, "k").await;
+    assert!(
+        free.is_none(),
+        "a free key must inspect as None, got {free:?}"
+    );
+    let token = acquire(&store, "k").await;
+    match inspect(&store, "k").await {
+        Some(KeyState::InFlight {
+            fingerprint,
+            remaining_lease,
+        }) => {
+            assert_eq!(
+                fingerprint,
+                Fingerprint([7; 32]),
+                "inspection must report the owner's fingerprint"
+            );
+            assert!(
+                remaining_lease <= LEASE && remaining_lease > Duration::ZERO,
+                "the remaining lease must lie within the lease, got {remaining_lease:?}"
+            );
+        }
+        other => panic!("a reserved key must inspect as in flight, got {other:?}"),
+    }
+    let completion = store.complete("k", token, record("inspected"), TTL).await;
+    assert_eq!(completion.ok(), Some(Completion::Stored));
+    match inspect(&store, "k").await {
+        Some(KeyState::Completed(stored)) => assert_eq!(*stored, record("inspected")),
+        other => panic!("a completed key must inspect as its record, got {other:?}"),
+    }
+    // Inspection changes nothing: the record is still what later reservations find.
+    let later = ReservationToken::generate();
+    match store.reserve("k", later, Fingerprint([7; 32]), LEASE).await {
+        Ok(Reservation::Completed(stored)) => assert_eq!(*stored, record("inspected")),
+        other => panic!("expected the completed record after inspection, got {other:?}"),
+    }
+    // Inspecting a free key does not reserve it.
+    acquire(&store, "free").await;
+}
+
+async fn purged_reservation_frees_the_key<S: IdempotencyStore>(store: S) {
+    let stuck = acquire(&store, "k").await;
+    assert!(
+        purge(&store, "k").await,
+        "purging a reservation must say it found one"
+    );
+    let after = inspect(&store, "k").await;
+    assert!(
+        after.is_none(),
+        "a purged key must inspect as None, got {after:?}"
+    );
+    let next = acquire(&store, "k").await;
+    let late = store.complete("k", stuck, record("stuck"), TTL).await;
+    assert_eq!(
+        late.ok(),
+        Some(Completion::LostReservation),
+        "the purged owner must not complete a key a new owner holds"
+    );
+    let completion = store.complete("k", next, record("next"), TTL).await;
+    assert_eq!(completion.ok(), Some(Completion::Stored));
+}
+
+async fn purged_record_lets_the_next_reservation_run<S: IdempotencyStore>(store: S) {
+    let token = acquire(&store, "k").await;
+    let completion = store.complete("k", token, record("first"), TTL).await;
+    assert_eq!(completion.ok(), Some(Completion::Stored));
+    assert!(
+        purge(&store, "k").await,
+        "purging a record must say it found one"
+    );
+    let after = inspect(&store, "k").await;
+    assert!(
+        after.is_none(),
+        "a purged key must inspect as None, got {after:?}"
+    );
+    acquire(&store, "k").await;
+}
+
+async fn purging_a_free_key_finds_nothing<S: IdempotencyStore>(store: S) {
+    assert!(
+        !purge(&store, "never-used").await,
+        "purging a free key must say it found nothing"
+    );
+    let token = acquire(&store, "released").await;
+    assert!(store.release("released", token).await.is_ok());
+    assert!(
+        !purge(&store, "released").await,
+        "purging a released key must say it found nothing"
+    );
 }

@@ -4,7 +4,7 @@ use std::{any::Any, future::Future, time::Duration};
 
 use futures_util::future::LocalBoxFuture;
 
-use super::{CompletedRecord, Completion, Renewal, Reservation, ReservationToken};
+use super::{CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken};
 use crate::{Fingerprint, StoreError};
 
 /// A backend that keeps idempotency records.
@@ -22,7 +22,9 @@ use crate::{Fingerprint, StoreError};
 /// - completed records expire after the `ttl` given to [`complete`](Self::complete); a store
 ///   with a memory bound may evict them earlier, and must document in what order;
 /// - a value the store cannot decode is reported as [`Reservation::Unreadable`], not as an
-///   error: it is a fact about the key, not an outage.
+///   error: it is a fact about the key, not an outage;
+/// - [`inspect`](Self::inspect) reads a key without changing it, and [`purge`](Self::purge)
+///   deletes whatever it holds: these are the operator's tools, not the middleware's.
 ///
 /// Build a store once, outside `HttpServer::new`: that closure runs once per worker, and a
 /// per-worker in-memory store would let each worker run the same request once.
@@ -71,6 +73,26 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// What `key` holds, without changing it: `None` when it is free (never reserved, released,
+    /// expired, or its lease ran out), [`KeyState::InFlight`] for a live reservation,
+    /// [`KeyState::Completed`] for a live record, [`KeyState::Unreadable`] for a value the
+    /// store cannot decode.
+    ///
+    /// For support tooling ("did this request run, and what did it answer?"); the middleware
+    /// never calls it.
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>>;
+
+    /// Deletes whatever `key` holds (a reservation, live or not, or a record, readable or not)
+    /// and says whether something was there. The next request with the key runs its handler.
+    ///
+    /// Purging a reservation whose handler still runs lets a retry run while it runs: the
+    /// protection is gone for that request, and the first of the two to finish stores its
+    /// response (the other's completion is [`Completion::LostReservation`] or stores without a
+    /// reservation). That is the operator's call, for a key stuck behind a handler that will
+    /// never finish. A store that wakes waiting duplicates on [`release`](Self::release) wakes
+    /// them on a purge too.
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>>;
 
     /// Waits until the reservation on `key` may have been completed or freed, for at most
     /// `within`; a duplicate request then looks again with [`reserve`](Self::reserve).
@@ -125,6 +147,13 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         key: &'a str,
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>>;
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> LocalBoxFuture<'a, Result<Option<KeyState>, StoreError>>;
+
+    fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>>;
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()>;
 
@@ -184,6 +213,17 @@ impl<S: IdempotencyStore> DynStore for S {
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>> {
         Box::pin(IdempotencyStore::release(self, key, token))
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> LocalBoxFuture<'a, Result<Option<KeyState>, StoreError>> {
+        Box::pin(IdempotencyStore::inspect(self, key))
+    }
+
+    fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(IdempotencyStore::purge(self, key))
     }
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {

@@ -23,7 +23,8 @@ use super::{
     in_flight::{deadline, InFlight, InFlightMap},
     memory_key::MemoryKey,
     records::Records,
-    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
+    CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
+    ReservationToken,
 };
 use crate::{Fingerprint, StoreError};
 
@@ -273,6 +274,30 @@ impl MemoryStore {
         }
     }
 
+    fn inspect_now(&self, key: &str) -> Option<KeyState> {
+        let key = &MemoryKey::new(key);
+        let now = Instant::now();
+        let locked = self.in_flight.lock(key);
+        if let Some(owner) = locked.get(key).filter(|owner| owner.is_live(now)) {
+            return Some(KeyState::InFlight {
+                fingerprint: owner.fingerprint,
+                remaining_lease: owner.expires_at.saturating_duration_since(now),
+            });
+        }
+        self.records.peek(key).map(KeyState::Completed)
+    }
+
+    fn purge_now(&self, key: &str) -> bool {
+        let key = &MemoryKey::new(key);
+        let now = Instant::now();
+        let mut locked = self.in_flight.lock(key);
+        let reserved = locked.get(key).is_some_and(|owner| owner.is_live(now));
+        // Removing the reservation wakes its waiting duplicates, as a release does.
+        locked.remove(key);
+        let recorded = self.records.remove(key);
+        reserved || recorded
+    }
+
     async fn wait_for_end(&self, key: &str, within: Duration) {
         let key = &MemoryKey::new(key);
         let ended = {
@@ -350,6 +375,14 @@ impl IdempotencyStore for MemoryStore {
     ) -> impl Future<Output = Result<(), StoreError>> {
         self.release_now(key, token);
         ready(Ok(()))
+    }
+
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        ready(Ok(self.inspect_now(key)))
+    }
+
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
+        ready(Ok(self.purge_now(key)))
     }
 
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {

@@ -21,7 +21,7 @@ pub(crate) use interface::DynStore;
 pub use interface::IdempotencyStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use record::{
-    CompletedRecord, Completion, Renewal, Reservation, ReservationToken, StoredResponse,
+    CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken, StoredResponse,
     RECORD_FORMAT_VERSION,
 };
 

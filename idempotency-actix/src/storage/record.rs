@@ -152,3 +152,46 @@ pub enum Renewal {
     /// and its record will not be stored.
     Lost,
 }
+
+/// What a key holds, as [`inspect`](super::IdempotencyStore::inspect) reports it to an
+/// operator: the answer to "did this request run, and what did it answer?".
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// A request holds the key and its handler has not finished (or its process died and the
+    /// lease has not yet run out).
+    InFlight {
+        /// The fingerprint of the request that holds the key.
+        fingerprint: Fingerprint,
+        /// How long its lease still runs.
+        remaining_lease: Duration,
+    },
+    /// The request ran; here is its record (status and body in
+    /// [`response`](CompletedRecord::response), `None` when it was too large to store).
+    Completed(std::sync::Arc<CompletedRecord>),
+    /// The key holds a value this version cannot read (see [`Reservation::Unreadable`]): the
+    /// request may have run. Purging it lets a retry run.
+    Unreadable {
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+impl KeyState {
+    /// The state a [`Reservation`] answer describes, or `None` for
+    /// [`Reservation::Acquired`] (the key was free).
+    pub fn from_reservation(reservation: Reservation) -> Option<Self> {
+        match reservation {
+            Reservation::Acquired => None,
+            Reservation::InFlight {
+                fingerprint,
+                remaining_lease,
+            } => Some(Self::InFlight {
+                fingerprint,
+                remaining_lease,
+            }),
+            Reservation::Completed(record) => Some(Self::Completed(record)),
+            Reservation::Unreadable { reason } => Some(Self::Unreadable { reason }),
+        }
+    }
+}

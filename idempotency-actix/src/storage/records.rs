@@ -92,6 +92,30 @@ impl Records {
         }
     }
 
+    /// The live record of `key`, leaving its place in the eviction order as it is.
+    pub(super) fn peek(&self, key: &MemoryKey) -> Option<Arc<CompletedRecord>> {
+        let now = Instant::now();
+        let shard = self.shard(key).lock();
+        shard
+            .list
+            .peek(key)
+            .filter(|kept| kept.expires_at > now)
+            .map(|kept| Arc::clone(&kept.record))
+    }
+
+    /// Removes the record of `key`, and says whether it was live.
+    pub(super) fn remove(&self, key: &MemoryKey) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(key).lock();
+        match shard.list.pop(key) {
+            Some(removed) => {
+                shard.weight -= removed.weight;
+                removed.expires_at > now
+            }
+            None => false,
+        }
+    }
+
     /// Whether `key` has a live record.
     pub(super) fn contains(&self, key: &MemoryKey) -> bool {
         let now = Instant::now();

@@ -17,8 +17,8 @@ use self::{
     connection::{Connection, Target, Timeouts},
 };
 use super::{
-    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
-    LONGEST_LIFETIME,
+    CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
+    ReservationToken, LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
 
@@ -92,13 +92,33 @@ end
 return 0
 ";
 
+/// Reads a key for an operator. Returns `{0}` free, `{1, value, pttl}` held.
+const INSPECT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return {0}
+end
+return {1, current, redis.call('PTTL', KEYS[1])}
+";
+
+/// Deletes whatever the key holds, and wakes the key's waiting duplicates as [`RELEASE`] does.
+/// Returns 1 if something was there.
+const PURGE: &str = r"
+local deleted = redis.call('DEL', KEYS[1])
+if deleted == 1 then
+  redis.pcall('SPUBLISH', KEYS[1], '')
+end
+return deleted
+";
+
 const IN_FLIGHT: u8 = b'i';
 const COMPLETED: u8 = b'c';
 
 /// A store on Redis, shared by every instance that points at the same server (or cluster) and
 /// key prefix.
 ///
-/// Each operation is one Lua script on one key, so a fresh request costs two round trips
+/// Each operation is one Lua script on one key (the operator's
+/// [`inspect`](IdempotencyStore::inspect) and [`purge`](IdempotencyStore::purge) too), so a fresh request costs two round trips
 /// (reserve, complete) and a replay one. Reservations and records expire on Redis' own clock
 /// (`PX`); completing or releasing a key checks the owner's token inside the script, so an
 /// owner whose lease ran out cannot overwrite a newer owner.
@@ -163,6 +183,8 @@ struct Inner {
     complete: Script,
     release: Script,
     renew: Script,
+    inspect: Script,
+    purge: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -367,6 +389,55 @@ impl RedisStore {
             .map_err(backend)?;
         Ok(())
     }
+
+    async fn inspect_key(&self, key: &str) -> Result<Option<KeyState>, StoreError> {
+        let mut connection = self.connection().await?;
+        let answer: Vec<Value> = self
+            .inner
+            .inspect
+            .key(self.key(key))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend)?;
+        let unreadable = |error: StoreError| KeyState::Unreadable {
+            reason: error.to_string(),
+        };
+        match answer.as_slice() {
+            [Value::Int(0)] => Ok(None),
+            [Value::Int(1), Value::BulkString(current), Value::Int(pttl)] => {
+                Ok(Some(match current.first() {
+                    Some(&IN_FLIGHT) => match in_flight_fingerprint(current) {
+                        Ok(fingerprint) => KeyState::InFlight {
+                            fingerprint,
+                            remaining_lease: Duration::from_millis(
+                                u64::try_from(*pttl).unwrap_or(0),
+                            ),
+                        },
+                        Err(error) => unreadable(error),
+                    },
+                    _ => match decode_record(current) {
+                        Ok(record) => KeyState::Completed(Arc::new(record)),
+                        Err(error) => unreadable(error),
+                    },
+                }))
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected answer to an inspection: {other:?}"
+            ))),
+        }
+    }
+
+    async fn purge_key(&self, key: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection().await?;
+        let deleted: i64 = self
+            .inner
+            .purge
+            .key(self.key(key))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(backend)?;
+        Ok(deleted > 0)
+    }
 }
 
 impl RedisStore {
@@ -442,6 +513,14 @@ impl IdempotencyStore for RedisStore {
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
         self.release_key(key, token)
+    }
+
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        self.inspect_key(key)
+    }
+
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
+        self.purge_key(key)
     }
 
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
@@ -530,6 +609,8 @@ impl RedisStoreBuilder {
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
+                inspect: Script::new(INSPECT),
+                purge: Script::new(PURGE),
             }),
         })
     }

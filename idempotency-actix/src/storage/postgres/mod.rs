@@ -13,8 +13,8 @@ use self::schema::{is_plain_table_name, Statements, DEFAULT_TABLE};
 pub use self::{expiry::ExpiryJob, transaction::IdempotentTransaction};
 use super::{
     codec::{decode_record, encode_record},
-    CompletedRecord, Completion, IdempotencyStore, Renewal, Reservation, ReservationToken,
-    LONGEST_LIFETIME,
+    CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
+    ReservationToken, LONGEST_LIFETIME,
 };
 use crate::{Fingerprint, StoreError};
 
@@ -185,6 +185,29 @@ impl PostgresStore {
             .map_err(backend)?;
         Ok(())
     }
+
+    async fn inspect_key(&self, key: &str) -> Result<Option<KeyState>, StoreError> {
+        let mut connection = self.connection().await?;
+        let held = sqlx::query(&self.inner.sql.look)
+            .bind(key)
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(backend)?;
+        Ok(held.and_then(|held| KeyState::from_reservation(read_holder(&held))))
+    }
+
+    async fn purge_key(&self, key: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection().await?;
+        let deleted = sqlx::query(&self.inner.sql.purge)
+            .bind(key)
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(backend)?;
+        match deleted {
+            Some(row) => row.try_get::<bool, _>(0).map_err(backend),
+            None => Ok(false),
+        }
+    }
 }
 
 /// Claims `key` if it is free or expired; says whether it did.
@@ -333,6 +356,14 @@ impl IdempotencyStore for PostgresStore {
         token: ReservationToken,
     ) -> impl Future<Output = Result<(), StoreError>> {
         self.release_key(key, token)
+    }
+
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<Option<KeyState>, StoreError>> {
+        self.inspect_key(key)
+    }
+
+    fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
+        self.purge_key(key)
     }
 }
 

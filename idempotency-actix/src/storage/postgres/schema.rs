@@ -48,6 +48,8 @@ pub(super) struct Statements {
     pub(super) release: String,
     /// Deletes up to $1 expired rows.
     pub(super) expire: String,
+    /// Deletes key $1 whatever it holds; a row back says whether it was live.
+    pub(super) purge: String,
 }
 
 /// The migration's statements for `table` (its index named after the table, without schema).
@@ -115,6 +117,9 @@ impl Statements {
             ),
             release: format!(
                 "DELETE FROM {table} WHERE key = $1 AND state = 'in_flight' AND token = $2"
+            ),
+            purge: format!(
+                "DELETE FROM {table} WHERE key = $1 RETURNING expires_at > clock_timestamp()"
             ),
             expire: format!(
                 "DELETE FROM {table} WHERE key IN (\

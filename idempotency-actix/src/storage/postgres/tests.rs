@@ -50,7 +50,7 @@ async fn postgres_store_keeps_the_store_contract() {
     let schema = fresh_schema(&url).await;
     // One table per case, made beforehand: the suite's factory is not async.
     let mut stores = Vec::new();
-    for n in 0..16 {
+    for n in 0..20 {
         stores.push(store_on(&url, &format!("{schema}.keys_{n}")).await);
     }
     let next = AtomicU64::new(0);
