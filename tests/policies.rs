@@ -578,3 +578,73 @@ async fn non_standard_methods_are_unsafe_and_need_a_key_in_enforce_mode() {
     assert!(respond(&app, keyed_request()).await.is_replay());
     assert_eq!(runs.count(), 1);
 }
+
+/// A handler reads why it runs: with its key reserved, without a key on an optional route,
+/// with an existing key in manual mode, or unprotected while the store is down (fail-open).
+#[actix_rt::test]
+async fn handlers_read_why_they_run() {
+    use idempotency_actix::{IdempotencyOutcome, StoreOutage};
+    use idempotency_actix_workspace::faulty::FaultyStore;
+
+    async fn why(outcome: IdempotencyOutcome) -> HttpResponse {
+        HttpResponse::Created().body(format!("{outcome:?}"))
+    }
+    let (store, faults) = FaultyStore::new();
+    let app = test::init_service(
+        App::new()
+            .wrap(
+                IdempotencyMiddleware::builder(store)
+                    .store_outage(StoreOutage::FailOpen)
+                    .build()
+                    .unwrap_or_else(|e| panic!("config: {e}")),
+            )
+            .service(
+                web::resource("/required")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(why)),
+            )
+            .service(
+                web::resource("/optional")
+                    .wrap(IdempotencyPolicy::optional())
+                    .route(web::post().to(why)),
+            )
+            .service(
+                web::resource("/manual")
+                    .wrap(IdempotencyPolicy::manual())
+                    .route(web::post().to(why)),
+            ),
+    )
+    .await;
+    let post = |path: &str, key: Option<&str>| {
+        let mut request = test::TestRequest::post().uri(path);
+        if let Some(key) = key {
+            request = request.insert_header(("Idempotency-Key", key.to_owned()));
+        }
+        request.to_request()
+    };
+    let body = |received: Received| String::from_utf8_lossy(&received.body).into_owned();
+
+    assert_eq!(
+        body(respond(&app, post("/required", Some("a"))).await),
+        "Fresh"
+    );
+    assert_eq!(
+        body(respond(&app, post("/optional", None)).await),
+        "Unkeyed"
+    );
+    assert_eq!(
+        body(respond(&app, post("/manual", Some("m"))).await),
+        "Fresh"
+    );
+    assert_eq!(
+        body(respond(&app, post("/manual", Some("m"))).await),
+        "Existing"
+    );
+    faults
+        .reservations_answered_with_error
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        body(respond(&app, post("/required", Some("b"))).await),
+        "Unprotected"
+    );
+}

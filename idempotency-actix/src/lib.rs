@@ -163,6 +163,7 @@ mod key_extractor;
 mod manual;
 mod middleware;
 mod observe;
+mod outcome;
 mod policy;
 pub mod problems;
 mod replay;
@@ -181,6 +182,7 @@ pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent}
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
 pub use manual::{ManualIdempotency, PriorResponse};
 pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
+pub use outcome::IdempotencyOutcome;
 pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
 pub use replay::REPLAYED_HEADER;
 pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};

@@ -20,7 +20,7 @@ use crate::{
     config::is_store_name_registered,
     context::{is_safe, Decision, RequestFacts, RouteSlot},
     flow::{self, KeyedPolicy, Start},
-    IdempotencyError,
+    IdempotencyError, IdempotencyOutcome, ManualIdempotency,
 };
 
 /// What a route does with idempotency keys.
@@ -185,6 +185,7 @@ where
         // Captured here, after every middleware on the route ran: the caller scope sees what
         // authentication put in the request.
         let facts = RequestFacts::capture(&req, &config);
+        let has_key = matches!(facts.key, Ok(Some(_)));
         let detached = slot.detached.get();
         let service = Rc::clone(&self.service);
         let store = self.policy.store.clone();
@@ -198,6 +199,11 @@ where
                     manual,
                 } => {
                     req.set_payload(payload);
+                    req.extensions_mut().insert(IdempotencyOutcome::of(
+                        pending.is_some(),
+                        manual.as_ref().map(ManualIdempotency::key_exists),
+                        has_key,
+                    ));
                     if let Some(manual) = manual {
                         req.extensions_mut().insert(manual);
                     }
