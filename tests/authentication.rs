@@ -113,7 +113,7 @@ fn payments(config: &mut web::ServiceConfig) {
 fn idempotency(mode: Mode) -> IdempotencyMiddleware {
     IdempotencyMiddleware::builder(MemoryStore::builder().build())
         .mode(mode)
-        .scope(ExtensionScope::new(|user: &User| user.0.clone()))
+        .caller_scope(ExtensionScope::new(|user: &User| user.0.clone()))
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"))
 }
@@ -216,7 +216,7 @@ enum Layout {
 fn expected(layout: Layout, marked: bool, mode: Mode) -> Expect {
     match (marked, mode, layout) {
         (true, _, _) => Expect::OncePerCaller,
-        (false, Mode::Exempt, _) => Expect::EveryTime,
+        (false, Mode::OptIn, _) => Expect::EveryTime,
         (false, _, Layout::AppOutside | Layout::ScopeAndInside) => Expect::OncePerCaller,
         (false, _, Layout::AppInside | Layout::Scope) => Expect::RefusedLoudly,
     }
@@ -224,7 +224,7 @@ fn expected(layout: Layout, marked: bool, mode: Mode) -> Expect {
 
 macro_rules! check {
     ($layout:ident, $auth:expr, $auth_name:expr) => {
-        for mode in [Mode::Enforce, Mode::Exempt] {
+        for mode in [Mode::Enforce, Mode::OptIn] {
             for marked in [true, false] {
                 let runs = Runs::default();
                 let idempotency = idempotency(mode);
@@ -331,7 +331,7 @@ async fn pay_slowly(
 async fn a_scope_seen_too_early_never_hands_a_response_to_another_caller() {
     let runs = Runs::default();
     let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
-        .scope(ExtensionScope::new(|user: &User| user.0.clone()))
+        .caller_scope(ExtensionScope::new(|user: &User| user.0.clone()))
         .lock_timeout(std::time::Duration::from_secs(2))
         .build()
         .unwrap_or_else(|e| panic!("config: {e}"));

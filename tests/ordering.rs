@@ -77,7 +77,7 @@ async fn replays_pass_through_outer_logger_default_headers_and_async_middleware(
 /// routes: the route's policy settles the key after it, so nothing is misapplied.
 #[actix_rt::test]
 async fn an_async_middleware_between_idempotency_and_routes_runs_before_the_key_is_settled() {
-    for mode in [Mode::Enforce, Mode::Exempt] {
+    for mode in [Mode::Enforce, Mode::OptIn] {
         let runs = Runs::default();
         let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
             .mode(mode)

@@ -160,7 +160,7 @@ async fn enforce_mode_requires_a_key_on_unannotated_handlers() {
 
 #[actix_rt::test]
 async fn exempt_handler_runs_every_time_with_or_without_a_key() {
-    for mode in [Mode::Enforce, Mode::Exempt] {
+    for mode in [Mode::Enforce, Mode::OptIn] {
         let runs = Runs::default();
         let got = exchange(
             mode,
@@ -183,7 +183,7 @@ async fn exempt_handler_runs_every_time_with_or_without_a_key() {
 
 #[actix_rt::test]
 async fn idempotent_handler_requires_a_key_in_both_modes() {
-    for mode in [Mode::Enforce, Mode::Exempt] {
+    for mode in [Mode::Enforce, Mode::OptIn] {
         let runs = Runs::default();
         let got = exchange(
             mode,
@@ -228,7 +228,7 @@ async fn optional_handler_runs_every_time_without_a_key_and_once_with_one() {
 async fn exempt_mode_leaves_unannotated_handlers_alone() {
     let runs = Runs::default();
     let got = exchange(
-        Mode::Exempt,
+        Mode::OptIn,
         &runs,
         vec![
             post_to("/plain"),
@@ -247,7 +247,7 @@ async fn exempt_mode_leaves_unannotated_handlers_alone() {
 async fn manual_handler_sees_whether_the_key_exists_and_the_prior_response() {
     let runs = Runs::default();
     let got = exchange(
-        Mode::Exempt,
+        Mode::OptIn,
         &runs,
         vec![
             post_to("/manual"),
@@ -319,7 +319,7 @@ async fn a_policy_without_the_middleware_is_a_500_problem_not_a_silent_pass() {
 async fn manual_extractor_outside_a_manual_handler_is_a_typed_error() {
     let runs = Runs::default();
     let got = exchange(
-        Mode::Exempt,
+        Mode::OptIn,
         &runs,
         vec![keyed("/plain-manual-extractor", "k")],
     )

@@ -241,7 +241,7 @@ async fn custom_scope_closure_decides_who_shares_keys() {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let app = app(default_builder().scope(tenant), &runs).await;
+    let app = app(default_builder().caller_scope(tenant), &runs).await;
     let send = |tenant: &'static str, auth: &'static str| {
         keyed("/orders", "k", "{}")
             .insert_header(("x-tenant", tenant))
@@ -369,7 +369,7 @@ async fn safe_methods_are_never_stored() {
 #[actix_rt::test]
 async fn telemetry_headers_are_added_when_enabled() {
     let runs = Runs::default();
-    let app = app(default_builder().telemetry(true), &runs).await;
+    let app = app(default_builder().timing_headers(true), &runs).await;
     let response = test::call_service(&app, keyed("/orders", "k", "{}").to_request()).await;
     let duration = response
         .headers()

@@ -23,8 +23,17 @@ pub enum Mode {
     /// (the Python `IdempotencyKeyMiddleware`).
     Enforce,
     /// Only handlers marked `#[idempotent]`, `#[idempotent(optional)]` or
-    /// `#[idempotency_manual]` use keys (the Python `ExemptIdempotencyKeyMiddleware`).
-    Exempt,
+    /// `#[idempotency_manual]` use keys: routes opt in (the Python
+    /// `ExemptIdempotencyKeyMiddleware`).
+    OptIn,
+}
+
+impl Mode {
+    /// The former name of [`Mode::OptIn`], easy to confuse with `#[idempotency_exempt]`
+    /// (which turns keys off for one route).
+    #[deprecated(since = "0.1.0", note = "renamed `Mode::OptIn`")]
+    #[allow(non_upper_case_globals)]
+    pub const Exempt: Mode = Mode::OptIn;
 }
 
 /// The status a replayed response is sent with.
@@ -79,7 +88,7 @@ pub(crate) struct Config {
     pub(crate) encoder: Box<dyn KeyEncoder>,
     pub(crate) fingerprinter: Box<dyn Fingerprinter>,
     pub(crate) scope: Box<dyn CallerScope>,
-    pub(crate) telemetry: bool,
+    pub(crate) timing_headers: bool,
     pub(crate) store: Arc<dyn DynStore>,
     pub(crate) named_stores: HashMap<String, Arc<dyn DynStore>>,
     pub(crate) request_body_limit: usize,
@@ -153,7 +162,8 @@ pub struct IdempotencyMiddlewareBuilder {
     encoder: Box<dyn KeyEncoder>,
     fingerprinter: Box<dyn Fingerprinter>,
     scope: Box<dyn CallerScope>,
-    telemetry: bool,
+    timing_headers: bool,
+    problem_type_base: Option<String>,
     store: Arc<dyn DynStore>,
     named_stores: Vec<(String, Arc<dyn DynStore>)>,
     request_body_limit: usize,
@@ -187,7 +197,8 @@ impl IdempotencyMiddlewareBuilder {
             encoder: Box::new(DefaultKeyEncoder),
             fingerprinter: Box::new(BodyFingerprint),
             scope: Box::new(AuthorizationScope),
-            telemetry: false,
+            timing_headers: false,
+            problem_type_base: None,
             store: crate::observe::observed(store),
             named_stores: Vec::new(),
             request_body_limit: 1024 * 1024,
@@ -297,20 +308,47 @@ impl IdempotencyMiddlewareBuilder {
         self
     }
 
-    /// Whose key space a request's key belongs to.
+    /// Whose key space a request's key belongs to: the caller, so that two callers' equal
+    /// keys never meet.
     ///
     /// Defaults to [`AuthorizationScope`].
-    pub fn scope(mut self, scope: impl CallerScope) -> Self {
+    pub fn caller_scope(mut self, scope: impl CallerScope) -> Self {
         self.scope = Box::new(scope);
         self
     }
 
-    /// Adds `x-request-duration-ms` and `x-request-start-time` to every response.
+    /// The former name of [`caller_scope`](Self::caller_scope), easy to confuse with actix's
+    /// `web::scope`.
+    #[deprecated(since = "0.1.0", note = "renamed `caller_scope`")]
+    pub fn scope(self, scope: impl CallerScope) -> Self {
+        self.caller_scope(scope)
+    }
+
+    /// Adds `x-request-duration-ms` and `x-request-start-time` to every response, for
+    /// clients (the Python fork's `TELEMETRY`). Operators' telemetry is the `tracing` span
+    /// and the `metrics` the middleware always reports.
     ///
     /// Defaults to `false`.
-    pub fn telemetry(mut self, enabled: bool) -> Self {
-        self.telemetry = enabled;
+    pub fn timing_headers(mut self, enabled: bool) -> Self {
+        self.timing_headers = enabled;
         self
+    }
+
+    /// The base of the `type` URI of every problem+json answer (the slug follows it), to point
+    /// clients at the service's own documentation of these errors. It applies to the whole
+    /// process: the last middleware built with one sets it.
+    ///
+    /// Defaults to [`PROBLEM_TYPE_BASE`](crate::PROBLEM_TYPE_BASE), this crate's `problems`
+    /// documentation page.
+    pub fn problem_type_base(mut self, base: impl Into<String>) -> Self {
+        self.problem_type_base = Some(base.into());
+        self
+    }
+
+    /// The former name of [`timing_headers`](Self::timing_headers), which are not telemetry.
+    #[deprecated(since = "0.1.0", note = "renamed `timing_headers`")]
+    pub fn telemetry(self, enabled: bool) -> Self {
+        self.timing_headers(enabled)
     }
 
     /// Registers another store under `name`, for handlers marked
@@ -393,6 +431,9 @@ impl IdempotencyMiddlewareBuilder {
                 ttl: self.record_ttl,
             });
         }
+        if let Some(base) = self.problem_type_base {
+            crate::error::set_problem_type_base(base);
+        }
         let mut named_stores = HashMap::new();
         for (name, store) in self.named_stores {
             if named_stores.insert(name.clone(), store).is_some() {
@@ -423,7 +464,7 @@ impl IdempotencyMiddlewareBuilder {
             encoder: self.encoder,
             fingerprinter: self.fingerprinter,
             scope: self.scope,
-            telemetry: self.telemetry,
+            timing_headers: self.timing_headers,
             store: self.store,
             named_stores,
             request_body_limit: self.request_body_limit,

@@ -9,6 +9,7 @@ use actix_web::{
     },
     HttpResponse, ResponseError,
 };
+use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::InvalidKey;
@@ -20,6 +21,15 @@ use crate::InvalidKey;
 /// full URI.
 pub const PROBLEM_TYPE_BASE: &str =
     "https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#";
+
+/// The base set by the last middleware built with a `problem_type_base`: problem types name the
+/// service's own documentation, so they are one setting for the process.
+static CONFIGURED_BASE: RwLock<Option<String>> = RwLock::new(None);
+
+/// Makes `base` the base of every problem `type` this process answers with.
+pub(crate) fn set_problem_type_base(base: String) {
+    *CONFIGURED_BASE.write() = Some(base);
+}
 
 /// Why a request did not reach its handler, or why its outcome could not be recorded.
 ///
@@ -121,9 +131,13 @@ impl IdempotencyError {
         }
     }
 
-    /// The full problem `type` URI of this error.
+    /// The full problem `type` URI of this error: the base set with
+    /// [`problem_type_base`](crate::IdempotencyMiddlewareBuilder::problem_type_base), or
+    /// [`PROBLEM_TYPE_BASE`], followed by the slug.
     pub fn problem_type(&self) -> String {
-        format!("{PROBLEM_TYPE_BASE}{}", self.slug())
+        let configured = CONFIGURED_BASE.read();
+        let base = configured.as_deref().unwrap_or(PROBLEM_TYPE_BASE);
+        format!("{base}{}", self.slug())
     }
 
     fn title(&self) -> &'static str {

@@ -57,7 +57,7 @@
 //! | `#[idempotency_exempt]` | ignored | every time | no |
 //! | `#[idempotency_manual]` | required | every time; it reads [`ManualIdempotency`] | first response |
 //! | none, [`Mode::Enforce`] | required | once per key | yes |
-//! | none, [`Mode::Exempt`] | ignored | every time | no |
+//! | none, [`Mode::OptIn`] | ignored | every time | no |
 //!
 //! Attributes go **above** the route attribute (`#[post(..)]`, `#[route(..)]`). On a route
 //! whose methods are all safe (`#[get(..)]`, `#[head(..)]`), `#[idempotent]` and
@@ -181,9 +181,9 @@ pub use fingerprint::{
 pub use idempotency_macros::{idempotency_exempt, idempotency_manual, idempotent};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LENGTH};
 pub use manual::{ManualIdempotency, PriorResponse};
-pub use middleware::{IdempotencyMiddleware, InnerIdempotencyMiddleware};
+pub use middleware::IdempotencyMiddleware;
 pub use outcome::IdempotencyOutcome;
-pub use policy::{IdempotencyPolicy, IdempotencyPolicyService, PolicyKind};
+pub use policy::{IdempotencyPolicy, PolicyKind};
 pub use replay::REPLAYED_HEADER;
 pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};
 #[cfg(feature = "postgres")]
@@ -191,6 +191,14 @@ pub use storage::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStore
 pub use storage::{IdempotencyStore, MemoryStore};
 #[cfg(feature = "redis")]
 pub use storage::{RedisStore, RedisStoreBuilder};
+
+/// The services the middleware and the route policies wrap around a handler: they appear in
+/// `Transform` implementations (as actix-web's own middleware services live in
+/// `actix_web::dev`), and no application needs to name them.
+pub mod dev {
+    pub use crate::middleware::InnerIdempotencyMiddleware;
+    pub use crate::policy::IdempotencyPolicyService;
+}
 
 /// Paths used by the code the handler attributes generate. Not a public API.
 #[doc(hidden)]

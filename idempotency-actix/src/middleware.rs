@@ -28,7 +28,7 @@ use crate::{
 /// The idempotency middleware, registered once on the app with [`App::wrap`](actix_web::App::wrap).
 ///
 /// In [`Mode::Enforce`] every unsafe-method request needs a key unless its handler is
-/// `#[idempotency_exempt]`; in [`Mode::Exempt`] only annotated handlers use keys.
+/// `#[idempotency_exempt]`; in [`Mode::OptIn`] only annotated handlers use keys.
 ///
 /// Build it once, outside `HttpServer::new`, and clone it into the app factory: the clones
 /// share one configuration and one store. (Built inside the factory, each worker gets its own
@@ -86,9 +86,16 @@ impl IdempotencyMiddleware {
         Self::with_defaults(store, Mode::Enforce)
     }
 
-    /// The middleware in exempt mode (only annotated handlers use keys) with every default.
+    /// The middleware in opt-in mode (only annotated handlers use keys) with every default.
+    pub fn opt_in(store: impl IdempotencyStore) -> Self {
+        Self::with_defaults(store, Mode::OptIn)
+    }
+
+    /// The former name of [`opt_in`](Self::opt_in), easy to confuse with
+    /// `#[idempotency_exempt]` (which turns keys off for one route).
+    #[deprecated(since = "0.1.0", note = "renamed `IdempotencyMiddleware::opt_in`")]
     pub fn exempt(store: impl IdempotencyStore) -> Self {
-        Self::with_defaults(store, Mode::Exempt)
+        Self::opt_in(store)
     }
 
     /// A builder to configure the middleware; [`build`](IdempotencyMiddlewareBuilder::build)
@@ -172,8 +179,7 @@ fn refuse_per_worker_stores(config: &Config) -> Result<(), &'static str> {
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
 type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>;
 
-/// The service behind [`IdempotencyMiddleware`]; not used directly.
-#[doc(hidden)]
+/// The service behind [`IdempotencyMiddleware`](crate::IdempotencyMiddleware); not used directly.
 #[derive(Debug)]
 pub struct InnerIdempotencyMiddleware<S> {
     service: Rc<S>,
@@ -192,7 +198,7 @@ where
     forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let telemetry = self.config.telemetry.then(Telemetry::start);
+        let telemetry = self.config.timing_headers.then(Telemetry::start);
         let untouched = self.route(req);
         let Some(started) = telemetry else {
             return untouched;
@@ -224,7 +230,7 @@ where
         };
         let slot = Rc::new(RouteSlot::new(Arc::clone(&self.config)));
         req.extensions_mut().insert(Rc::clone(&slot));
-        if self.config.mode == Mode::Exempt {
+        if self.config.mode == Mode::OptIn {
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
         let facts = RequestFacts::capture(&req, &self.config);

@@ -144,8 +144,7 @@ where
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
 type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>;
 
-/// The service behind [`IdempotencyPolicy`]; not used directly.
-#[doc(hidden)]
+/// The service behind [`IdempotencyPolicy`](crate::IdempotencyPolicy); not used directly.
 #[derive(Debug)]
 pub struct IdempotencyPolicyService<S> {
     service: Rc<S>,

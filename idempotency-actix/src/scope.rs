@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 /// struct UserId(u64);
 ///
 /// let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
-///     .scope(|req: &HttpRequest| req.extensions().get::<UserId>().map(|u| u.0.to_string()))
+///     .caller_scope(|req: &HttpRequest| req.extensions().get::<UserId>().map(|u| u.0.to_string()))
 ///     .build()
 ///     .unwrap();
 /// # let _ = middleware;
@@ -87,7 +87,7 @@ impl CallerScope for AuthorizationScope {
 /// use idempotency_actix::{HeaderScope, IdempotencyMiddleware, MemoryStore};
 ///
 /// let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
-///     .scope(HeaderScope::new("x-api-key").expect("a valid header name"))
+///     .caller_scope(HeaderScope::new("x-api-key").expect("a valid header name"))
 ///     .build();
 /// assert!(middleware.is_ok());
 /// ```
@@ -121,7 +121,7 @@ impl CallerScope for HeaderScope {
 /// struct User { id: u64 }
 ///
 /// let middleware = IdempotencyMiddleware::builder(MemoryStore::default())
-///     .scope(ExtensionScope::new(|user: &User| user.id.to_string()))
+///     .caller_scope(ExtensionScope::new(|user: &User| user.id.to_string()))
 ///     .build();
 /// assert!(middleware.is_ok());
 /// ```
