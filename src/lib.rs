@@ -112,6 +112,47 @@ impl TestServer {
     }
 }
 
+/// Starts a server whose apps come from `factory` on a free port and says how its start-up
+/// failed, explained by [`idempotency_actix::explain_startup_error`]; `None` when it started
+/// (it is stopped again after a few seconds).
+pub fn start_up_error<F, T, B>(workers: usize, factory: F) -> Option<std::io::Error>
+where
+    F: Fn() -> App<T> + Send + Clone + 'static,
+    T: ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static,
+    B: MessageBody + 'static,
+{
+    let outcome = std::thread::spawn(move || {
+        System::new().block_on(async move {
+            let server = HttpServer::new(factory)
+                .workers(workers)
+                .disable_signals()
+                .shutdown_timeout(1)
+                .bind("127.0.0.1:0")?
+                .run();
+            let handle = server.handle();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+                Ok(ended) => ended,
+                Err(_still_running) => {
+                    handle.stop(false).await;
+                    Ok(())
+                }
+            }
+        })
+    })
+    .join();
+    match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(idempotency_actix::explain_startup_error(error)),
+        Err(_) => Some(std::io::Error::other("the server thread panicked")),
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         // `stop` sends its command at once; the returned future only waits for completion.

@@ -14,8 +14,9 @@ use actix_web::{
     get, http::header::ContentType, middleware::Logger, post, web, App, HttpResponse, HttpServer,
 };
 use idempotency_actix::{
-    idempotency_exempt, idempotency_manual, idempotent, IdempotencyMiddleware, IdempotencyStore,
-    IdempotentTransaction, ManualIdempotency, MemoryStore, PostgresStore, RedisStore,
+    explain_startup_error, idempotency_exempt, idempotency_manual, idempotent,
+    IdempotencyMiddleware, IdempotencyStore, IdempotentTransaction, ManualIdempotency, MemoryStore,
+    PostgresStore, RedisStore,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use redis::{
@@ -419,7 +420,7 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
         println!("listening on http://{address}");
     }
     std::io::stdout().flush()?;
-    server.run().await
+    server.run().await.map_err(explain_startup_error)
 }
 
 /// The middleware on `store`, with the lease from `IDEMPOTENCY_LEASE_MS` if set.

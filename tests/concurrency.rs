@@ -7,7 +7,9 @@ use futures_util::future::join_all;
 use idempotency_actix::{
     idempotent, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, InFlightStatus, MemoryStore,
 };
-use idempotency_actix_workspace::{post_keyed, work::fresh_client, Received, Runs, TestServer};
+use idempotency_actix_workspace::{
+    post_keyed, start_up_error, work::fresh_client, Received, Runs, TestServer,
+};
 use tokio::sync::Barrier;
 
 const DUPLICATES: usize = 48;
@@ -239,35 +241,20 @@ async fn a_default_store_built_inside_the_server_factory_is_still_one_store() {
 }
 
 /// A store from the builder, built inside `HttpServer::new`, would be one store per worker:
-/// the server refuses to start, with an error that says why in the log.
+/// the server refuses to start, and its error says why.
 #[test]
 fn a_store_built_by_each_worker_stops_the_server_at_start_up() {
-    let outcome = std::thread::spawn(|| {
-        actix_web::rt::System::new().block_on(async {
-            let server = actix_web::HttpServer::new(|| {
-                App::new()
-                    .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
-                    .app_data(web::Data::new(Runs::default()))
-                    .service(slow)
-            })
-            .workers(2)
-            .disable_signals()
-            .shutdown_timeout(1)
-            .bind("127.0.0.1:0")?
-            .run();
-            let handle = server.handle();
-            let ran = tokio::time::timeout(Duration::from_secs(5), server).await;
-            if ran.is_err() {
-                handle.stop(false).await;
-            }
-            Ok::<_, std::io::Error>(ran.map_err(|_| "the server started and kept running"))
-        })
-    })
-    .join();
-    match outcome {
-        Ok(Ok(Ok(Err(refused)))) => {
-            assert!(refused.to_string().contains("service"), "{refused}");
-        }
-        other => panic!("the server must refuse to start: {other:?}"),
-    }
+    let refused = start_up_error(2, || {
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+            .app_data(web::Data::new(Runs::default()))
+            .service(slow)
+    });
+    let refused = refused.unwrap_or_else(|| panic!("the server must refuse to start"));
+    assert!(
+        refused
+            .to_string()
+            .contains("a MemoryStore was built inside HttpServer::new"),
+        "{refused}"
+    );
 }

@@ -10,7 +10,7 @@ use idempotency_actix::{
     Fingerprint, IdempotencyMiddleware, IdempotencyPolicy, IdempotencyStore, ManualIdempotency,
     MemoryStore, Mode, StoreError, StoreOutage,
 };
-use idempotency_actix_workspace::{respond, Received, Runs};
+use idempotency_actix_workspace::{respond, start_up_error, Received, Runs};
 
 #[idempotent]
 #[post("/required")]
@@ -381,6 +381,21 @@ async fn an_unknown_store_name_fails_at_start_up() {
     );
     let app = app.into_factory().new_service(AppConfig::default()).await;
     assert!(app.is_err(), "the app must refuse to start");
+
+    // A real server's error names the store.
+    let idempotency = IdempotencyMiddleware::new(MemoryStore::builder().build());
+    let refused = start_up_error(1, move || {
+        App::new().wrap(idempotency.clone()).service(
+            web::resource("/x")
+                .wrap(IdempotencyPolicy::required().store("no-such-store-anywhere"))
+                .route(web::post().to(HttpResponse::Ok)),
+        )
+    })
+    .unwrap_or_else(|| panic!("the server must refuse to start"));
+    assert!(
+        refused.to_string().contains("`no-such-store-anywhere`"),
+        "{refused}"
+    );
 }
 
 /// A store whose backend is always down.

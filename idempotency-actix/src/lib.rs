@@ -168,6 +168,7 @@ mod policy;
 pub mod problems;
 mod replay;
 mod scope;
+mod startup;
 pub mod storage;
 mod upkeep;
 
@@ -186,6 +187,7 @@ pub use outcome::IdempotencyOutcome;
 pub use policy::{IdempotencyPolicy, PolicyKind};
 pub use replay::REPLAYED_HEADER;
 pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};
+pub use startup::explain_startup_error;
 #[cfg(feature = "postgres")]
 pub use storage::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStoreBuilder};
 pub use storage::{IdempotencyStore, MemoryStore};

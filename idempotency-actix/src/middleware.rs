@@ -140,7 +140,7 @@ where
 
     fn new_transform(&self, service: S) -> Self::Future {
         if let Err(why) = refuse_per_worker_stores(&self.config) {
-            tracing::error!("idempotency: {why}");
+            crate::startup::refuse_start(why.to_owned());
             return ready(Err(()));
         }
         ready(Ok(InnerIdempotencyMiddleware {

@@ -127,10 +127,10 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         if let Some(name) = self.store.as_deref() {
             if !is_store_name_registered(name) {
-                tracing::error!(
-                    "idempotency: a route uses the store `{name}`, but no IdempotencyMiddleware \
-                     registers a store under that name (see IdempotencyMiddlewareBuilder::named_store)"
-                );
+                crate::startup::refuse_start(format!(
+                    "a route uses the store `{name}`, but no IdempotencyMiddleware registers a \
+                     store under that name (see IdempotencyMiddlewareBuilder::named_store)"
+                ));
                 return ready(Err(()));
             }
         }
