@@ -151,28 +151,45 @@ fn describe(state: &KeyState) -> serde_json::Value {
     }
 }
 
+/// The key a request names, once its token is checked; or the answer that refuses it.
+fn authorised_target(
+    req: &HttpRequest,
+    access: &AdminAccess,
+    query: &KeyQuery,
+) -> Result<KeyTarget, Box<HttpResponse>> {
+    if let Some(refused) = access.refusal(req) {
+        return Err(Box::new(refused));
+    }
+    query.target().map_err(|invalid| {
+        Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            "Invalid key query",
+            Some(&invalid),
+        ))
+    })
+}
+
+fn unknown_key() -> HttpResponse {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Unknown key",
+        Some("no request holds or completed this key"),
+    )
+}
+
 #[get("/admin/idempotency-keys")]
 async fn look_up_key(
     req: HttpRequest,
     access: web::Data<AdminAccess>,
     query: web::Query<KeyQuery>,
 ) -> HttpResponse {
-    if let Some(refused) = access.refusal(&req) {
-        return refused;
-    }
-    let target = match query.target() {
+    let target = match authorised_target(&req, &access, &query) {
         Ok(target) => target,
-        Err(invalid) => {
-            return problem(StatusCode::BAD_REQUEST, "Invalid key query", Some(&invalid))
-        }
+        Err(refused) => return *refused,
     };
     match access.admin.lookup(&target).await {
         Ok(Some(state)) => HttpResponse::Ok().json(describe(&state)),
-        Ok(None) => problem(
-            StatusCode::NOT_FOUND,
-            "Unknown key",
-            Some("no request holds or completed this key"),
-        ),
+        Ok(None) => unknown_key(),
         Err(error) => unavailable(&error),
     }
 }
@@ -184,22 +201,13 @@ async fn purge_key(
     access: web::Data<AdminAccess>,
     query: web::Query<KeyQuery>,
 ) -> HttpResponse {
-    if let Some(refused) = access.refusal(&req) {
-        return refused;
-    }
-    let target = match query.target() {
+    let target = match authorised_target(&req, &access, &query) {
         Ok(target) => target,
-        Err(invalid) => {
-            return problem(StatusCode::BAD_REQUEST, "Invalid key query", Some(&invalid))
-        }
+        Err(refused) => return *refused,
     };
     match access.admin.purge(&target).await {
         Ok(true) => HttpResponse::NoContent().finish(),
-        Ok(false) => problem(
-            StatusCode::NOT_FOUND,
-            "Unknown key",
-            Some("no request holds or completed this key"),
-        ),
+        Ok(false) => unknown_key(),
         Err(error) => unavailable(&error),
     }
 }
