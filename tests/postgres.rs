@@ -111,6 +111,16 @@ struct Effects {
     wait: Duration,
 }
 
+impl Effects {
+    fn new(fail_first: bool, wait: Duration) -> Self {
+        Self {
+            runs: Runs::default(),
+            fail_first,
+            wait,
+        }
+    }
+}
+
 /// Writes one row in the request's transaction, waits, then answers: 500 on the first run
 /// when told to, 201 otherwise.
 #[idempotent]
@@ -158,11 +168,7 @@ async fn a_failed_handler_rolls_back_its_writes_and_frees_its_key() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let effects = Effects {
-        runs: Runs::default(),
-        fail_first: true,
-        wait: Duration::ZERO,
-    };
+    let effects = Effects::new(true, Duration::ZERO);
     let (server, _store) = effects_server(&database, effects.clone()).await;
     let rows = || database.number("SELECT count(*) FROM effects");
 
@@ -195,11 +201,7 @@ async fn a_handler_whose_key_was_taken_over_commits_nothing() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let effects = Effects {
-        runs: Runs::default(),
-        fail_first: false,
-        wait: Duration::from_millis(400),
-    };
+    let effects = Effects::new(false, Duration::from_millis(400));
     let (server, store) = effects_server(&database, effects).await;
 
     let running = tokio::spawn({
@@ -230,11 +232,7 @@ async fn a_handler_whose_key_was_taken_over_commits_nothing() {
 /// extractor refuses instead of handing out a transaction nobody commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_outside_a_settled_postgres_key_is_refused() {
-    let effects = web::Data::new(Effects {
-        runs: Runs::default(),
-        fail_first: false,
-        wait: Duration::ZERO,
-    });
+    let effects = web::Data::new(Effects::new(false, Duration::ZERO));
     let idempotency = IdempotencyMiddleware::new(MemoryStore::builder().build());
     let server = TestServer::start(1, move || {
         App::new()
