@@ -27,6 +27,18 @@ pub async fn work(
     HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
 }
 
+/// `POST /plain-work`: [`work`] on a route without a policy, whose key the enforce-mode default
+/// settles when the handler reads its body.
+pub async fn plain_work(
+    runs: web::Data<Runs>,
+    delay: web::Data<Delay>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(delay.0).await;
+    HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
+}
+
 /// A server with two workers behind the middleware from `builder`, serving `/work` (taking
 /// `delay`, counting into `runs`) and whatever `more` registers.
 pub fn work_server(
@@ -43,6 +55,7 @@ pub fn work_server(
             .app_data(web::Data::new(runs.clone()))
             .app_data(web::Data::new(Delay(delay)))
             .service(work)
+            .route("/plain-work", web::post().to(plain_work))
             .configure(more)
     })
     .unwrap_or_else(|e| panic!("server: {e}"))
@@ -79,18 +92,27 @@ pub async fn check_a_handler_slower_than_its_lease(store: impl IdempotencyStore)
     let runs = Runs::default();
     let builder = IdempotencyMiddleware::builder(store).reservation_lease(Duration::from_secs(1));
     let server = work_server(builder, &runs, Duration::from_millis(2500), |_| {});
-    let url = server.url("/work");
-    let (first, duplicate) =
-        request_and_duplicate(url.clone(), "slow".to_owned(), Duration::from_millis(1600)).await;
-    assert!(
-        first.status == StatusCode::CREATED && !first.is_replay(),
-        "{first:?}"
-    );
-    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
-    let retry = post_keyed(&fresh_client(), &url, "slow", "order").await;
-    assert!(retry.is_replay(), "{retry:?}");
-    assert_eq!(retry.body, first.body);
-    assert_eq!(runs.count(), 1);
+    // A route with a policy, and one whose key the enforce-mode default settles: each renews
+    // its reservation its own way.
+    for (path, runs_after) in [("/work", 1), ("/plain-work", 2)] {
+        let url = server.url(path);
+        let (first, duplicate) =
+            request_and_duplicate(url.clone(), "slow".to_owned(), Duration::from_millis(1600))
+                .await;
+        assert!(
+            first.status == StatusCode::CREATED && !first.is_replay(),
+            "{path}: {first:?}"
+        );
+        assert_eq!(
+            duplicate.status,
+            StatusCode::CONFLICT,
+            "{path}: the reservation outlived its first lease: {duplicate:?}"
+        );
+        let retry = post_keyed(&fresh_client(), &url, "slow", "order").await;
+        assert!(retry.is_replay(), "{path}: {retry:?}");
+        assert_eq!(retry.body, first.body);
+        assert_eq!(runs.count(), runs_after, "{path} ran once");
+    }
 }
 
 /// On `store`: `Duration::MAX` says "wait for the first request" and "keep for ever"; nothing

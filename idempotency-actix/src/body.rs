@@ -20,20 +20,31 @@ pub(crate) enum RequestBodyError {
     Unreadable,
 }
 
-/// Reads a request body of at most `limit` bytes.
+/// Reads a request body of at most `limit` bytes. A body that arrives in one chunk (most do)
+/// is kept as it is, without a copy.
 pub(crate) async fn read_request_body(
     mut payload: Payload,
     limit: usize,
 ) -> Result<Bytes, RequestBodyError> {
+    let mut first: Option<Bytes> = None;
     let mut buffer = BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| RequestBodyError::Unreadable)?;
-        if buffer.len() + chunk.len() > limit {
+        let read = first.as_ref().map_or(0, Bytes::len) + buffer.len();
+        if read + chunk.len() > limit {
             return Err(RequestBodyError::TooLarge);
         }
-        buffer.extend_from_slice(&chunk);
+        match first.take() {
+            None if buffer.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    buffer.extend_from_slice(&earlier);
+                }
+                buffer.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(buffer.freeze())
+    Ok(first.unwrap_or_else(|| buffer.freeze()))
 }
 
 /// What a streamed response body left for the record once it was done.
@@ -161,6 +172,24 @@ mod tests {
         let (body, recorded) = RecordingBody::new(chunks(&["ab", "cd"]), 4);
         drop(body);
         assert_eq!(recorded.await.ok(), Some(Recorded::Abandoned));
+    }
+
+    #[actix_rt::test]
+    async fn a_body_in_several_chunks_is_read_whole_and_bounded() {
+        let chunks = || {
+            let parts = ["ab", "cd", "ef"].map(|part| Ok(Bytes::from_static(part.as_bytes())));
+            let stream: Pin<Box<dyn futures_util::Stream<Item = _>>> =
+                Box::pin(stream::iter(parts));
+            Payload::from(stream)
+        };
+        assert_eq!(
+            read_request_body(chunks(), 6).await.ok(),
+            Some(Bytes::from_static(b"abcdef"))
+        );
+        assert_eq!(
+            read_request_body(chunks(), 5).await,
+            Err(RequestBodyError::TooLarge)
+        );
     }
 
     #[actix_rt::test]

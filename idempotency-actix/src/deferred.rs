@@ -4,7 +4,8 @@
 
 use std::{
     collections::HashSet,
-    pin::Pin,
+    future::{poll_fn, Future},
+    pin::{pin, Pin},
     rc::Rc,
     sync::atomic::Ordering,
     task::{Context, Poll},
@@ -128,6 +129,22 @@ fn scope_too_early() -> IdempotencyError {
     )
 }
 
+/// Awaits the routed request, renewing meanwhile the reservation the default makes when the
+/// handler reads its body: the handler runs under it, and may outlast a lease.
+pub(crate) async fn renewing<F: Future>(slot: &RouteSlot, routed: F) -> F::Output {
+    let mut routed = pin!(routed);
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = routed.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        if let DefaultOutcome::Running(pending) = &mut *slot.outcome.borrow_mut() {
+            pending.poll_renewal(cx);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Applies the default's decision to the routed request's result: its answer in place of the
 /// handler's response (as an ordinary response that every outer middleware sees), or the
 /// handler's response settled under its reservation.
@@ -185,7 +202,9 @@ where
                 // response must never be replayed to anyone.
                 pending.forbid_replay();
             }
-            pending.settle(result).await
+            // Boxed: settling's state is large, and the task that runs this is moved whole
+            // before it starts; boxed, only a pointer is.
+            Box::pin(pending.settle(result)).await
         }
         DefaultOutcome::Unprotected | DefaultOutcome::None => {
             result.map(ServiceResponse::map_into_left_body)

@@ -2,8 +2,10 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     rc::Rc,
     sync::Arc,
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -30,7 +32,7 @@ use crate::{
         CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
     },
     upkeep::{
-        deadline_after, keep_reserved, release_in_background, retry_within, UnansweredReservation,
+        deadline_after, release_in_background, retry_within, Renewals, UnansweredReservation,
     },
     Fingerprint, IdempotencyError, IdempotencyKey, StoreError,
 };
@@ -348,27 +350,44 @@ where
         return handler.await.map(ServiceResponse::map_into_left_body);
     };
     if detached {
-        return pending.settle(handler.await).await;
+        return pending.run(handler).await;
     }
-    run_detached(async move { pending.settle(handler.await).await }).await
+    spawn_detached(pending.run(handler)).await
 }
 
-/// Runs `work` in a task of its own, so that a request dropped half-way (a client gone, an
-/// outer timeout) does not cancel it; a panic in it becomes a 500.
-pub(crate) async fn run_detached<F, B>(work: F) -> Result<ServiceResponse<B>, Error>
+/// Starts `work` in a task of its own at once, so that a request dropped half-way (a client
+/// gone, an outer timeout) does not cancel it; a panic in it becomes a 500.
+pub(crate) fn spawn_detached<F, T>(work: F) -> Detached<T>
 where
-    F: Future<Output = Result<ServiceResponse<B>, Error>> + 'static,
-    B: 'static,
+    F: Future<Output = Result<T, Error>> + 'static,
+    T: 'static,
 {
-    match actix_web::rt::spawn(work).await {
-        Ok(result) => result,
-        Err(error) => {
-            // The handler panicked; unwinding dropped its reservation, which frees the key.
-            tracing::error!("idempotency: the handler of a keyed request panicked: {error}");
-            Err(actix_web::error::ErrorInternalServerError(
-                "the handler panicked",
-            ))
-        }
+    Detached {
+        task: actix_web::rt::spawn(work),
+    }
+}
+
+/// The result of a keyed request that runs in a task of its own; dropping it leaves the
+/// request running. (The future of [`InnerIdempotencyMiddleware`](crate::dev::InnerIdempotencyMiddleware).)
+#[derive(Debug)]
+pub struct Detached<T> {
+    task: JoinHandle<Result<T, Error>>,
+}
+
+impl<T> Future for Detached<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(Pin::new(&mut self.task).poll(cx)) {
+            Ok(result) => result,
+            Err(error) => {
+                // The handler panicked; unwinding dropped its reservation, which frees the key.
+                tracing::error!("idempotency: the handler of a keyed request panicked: {error}");
+                Err(actix_web::error::ErrorInternalServerError(
+                    "the handler panicked",
+                ))
+            }
+        })
     }
 }
 
@@ -381,7 +400,7 @@ pub(crate) struct PendingRecord {
     key: String,
     token: ReservationToken,
     fingerprint: Fingerprint,
-    renewal: Option<JoinHandle<()>>,
+    renewal: Renewals,
     settled: bool,
     replayable: bool,
     active: Rc<ActiveReservation>,
@@ -397,18 +416,13 @@ impl PendingRecord {
         token: ReservationToken,
         fingerprint: Fingerprint,
     ) -> Self {
-        let renewal = {
-            let (store, key) = (Arc::clone(&store), key.clone());
-            let lease = config.reservation_lease;
-            actix_web::rt::spawn(
-                async move {
-                    let never =
-                        keep_reserved(store.as_ref(), &key, token, fingerprint, lease).await;
-                    match never {}
-                }
-                .in_current_span(),
-            )
-        };
+        let renewal = Renewals::start(
+            Arc::clone(&store),
+            key.clone(),
+            token,
+            fingerprint,
+            config.reservation_lease,
+        );
         Self {
             config: Arc::clone(config),
             active: Rc::new(ActiveReservation::new(Arc::clone(&store))),
@@ -417,10 +431,25 @@ impl PendingRecord {
             key,
             token,
             fingerprint,
-            renewal: Some(renewal),
+            renewal,
             settled: false,
             replayable: true,
         }
+    }
+
+    /// Runs the handler, renewing the reservation meanwhile, then settles the key.
+    async fn run<F, B>(mut self, handler: F) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    where
+        F: Future<Output = Result<ServiceResponse<B>, Error>>,
+        B: MessageBody + 'static,
+    {
+        let result = self.renewal.during(handler).await;
+        self.settle(result).await
+    }
+
+    /// Renews the reservation if a renewal is due, for the caller that polls its handler.
+    pub(crate) fn poll_renewal(&mut self, cx: &mut Context<'_>) {
+        self.renewal.poll_due(cx);
     }
 
     /// The reservation as the handler's extractors see it, for the request's extensions.
@@ -464,7 +493,7 @@ impl PendingRecord {
         if is_event_stream(response.headers()) {
             // An event stream is a live feed, not a result: the operation is done, but there
             // is nothing to replay.
-            if let Err(refusal) = self.complete(None).await {
+            if let Err(refusal) = self.complete(|| None).await {
                 return Ok(response
                     .into_response(refusal.error_response())
                     .map_into_right_body());
@@ -474,12 +503,17 @@ impl PendingRecord {
         let (request, response) = response.into_parts();
         let (head, body) = response.into_parts();
         let status = head.status().as_u16();
-        let headers = replayable_headers(head.headers(), self.config.replay_set_cookie);
+        let set_cookie = self.config.replay_set_cookie;
         let limit = self.config.response_body_limit;
         let body = match body.try_into_bytes() {
             Ok(bytes) => {
-                let stored = (bytes.len() <= limit)
-                    .then(|| StoredResponse::new(status, headers, bytes.clone()));
+                let fits = bytes.len() <= limit;
+                let stored = || {
+                    fits.then(|| {
+                        let headers = replayable_headers(head.headers(), set_cookie);
+                        StoredResponse::new(status, headers, bytes.clone())
+                    })
+                };
                 if let Err(refusal) = self.complete(stored).await {
                     return Ok(refused(request, &refusal));
                 }
@@ -489,22 +523,29 @@ impl PendingRecord {
                 // The handler's transaction commits before any of its response is sent, so
                 // the record cannot wait for the stream's end: the operation is recorded as
                 // done, without a replayable response.
-                if let Err(refusal) = self.complete(None).await {
+                if let Err(refusal) = self.complete(|| None).await {
                     return Ok(refused(request, &refusal));
                 }
                 BoxBody::new(stream)
             }
             Err(stream) => {
+                let headers = replayable_headers(head.headers(), set_cookie);
                 let (body, recorded) = RecordingBody::new(stream, limit);
                 actix_web::rt::spawn(
                     async move {
-                        match recorded.await {
+                        match self.renewal.during(recorded).await {
                             Ok(Recorded::Whole(bytes)) => {
-                                let stored = StoredResponse::new(status, headers, bytes);
-                                let _nothing_joined = self.complete(Some(stored)).await;
+                                let stored = || {
+                                    Some(StoredResponse::new(
+                                        status,
+                                        headers.clone(),
+                                        bytes.clone(),
+                                    ))
+                                };
+                                let _nothing_joined = self.complete(stored).await;
                             }
                             Ok(Recorded::TooLarge | Recorded::Abandoned) | Err(_) => {
-                                let _nothing_joined = self.complete(None).await;
+                                let _nothing_joined = self.complete(|| None).await;
                             }
                             Ok(Recorded::Failed) => {
                                 tracing::error!(
@@ -522,24 +563,30 @@ impl PendingRecord {
         Ok(ServiceResponse::new(request, head.set_body(body)).map_into_right_body())
     }
 
-    /// Stores the record. A store fault is retried in the background within the lease, while
-    /// the reservation is still renewed, so the client gets its response now and a retry finds
-    /// the record once the store answers.
+    /// Stores the record, with the response `response` builds. A store fault is retried in the
+    /// background within the lease, while the reservation is still renewed, so the client gets
+    /// its response now and a retry finds the record once the store answers. (The response is
+    /// built again for the retries, rather than copied on every request in case of one.)
     ///
     /// When the handler did its work in a transaction of its own, the record is committed in
     /// it instead, at once: if that fails, none of the handler's effects happened, and the
     /// client is told so in place of the handler's response.
-    async fn complete(&mut self, response: Option<StoredResponse>) -> Result<(), IdempotencyError> {
+    async fn complete(
+        &mut self,
+        response: impl Fn() -> Option<StoredResponse>,
+    ) -> Result<(), IdempotencyError> {
         self.settled = true;
-        let response = response.filter(|_| self.replayable);
-        let record = CompletedRecord::new(self.fingerprint, response);
+        let (fingerprint, replayable) = (self.fingerprint, self.replayable);
+        let record = || CompletedRecord::new(fingerprint, response().filter(|_| replayable));
         let ttl = self.config.record_ttl;
         match self.active.take() {
             Joined::No => {}
-            Joined::Yes(work) => return self.commit_joined(work, record, ttl).await,
+            Joined::Yes(work) => return self.commit_joined(work, record(), ttl).await,
             Joined::StillLent => {
                 tracing::error!(
-                    "idempotency: a handler kept its transaction past its own end (moved it                      into a task?); it cannot commit with the key's record, so nothing is                      committed and the key is freed"
+                    "idempotency: a handler kept its transaction past its own end (moved it \
+                     into a task?); it cannot commit with the key's record, so nothing is \
+                     committed and the key is freed"
                 );
                 self.release().await;
                 return Err(IdempotencyError::Misconfigured(
@@ -548,8 +595,8 @@ impl PendingRecord {
             }
         }
         let first = self
-            .store
-            .complete(&self.key, self.token, record.clone(), ttl)
+            .renewal
+            .during(self.store.complete(&self.key, self.token, record(), ttl))
             .await;
         let error = match first {
             Ok(completion) => {
@@ -562,14 +609,16 @@ impl PendingRecord {
         tracing::warn!("idempotency: could not store a response, retrying: {error}");
         let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
         let lease = self.config.reservation_lease;
-        let renewal = self.renewal.take();
+        let mut renewal = self.renewal.take();
+        let record = record();
         actix_web::rt::spawn(
             async move {
-                let stored =
-                    retry_within(lease, || store.complete(&key, token, record.clone(), ttl)).await;
-                if let Some(renewal) = renewal {
-                    renewal.abort();
-                }
+                let stored = renewal
+                    .during(retry_within(lease, || {
+                        store.complete(&key, token, record.clone(), ttl)
+                    }))
+                    .await;
+                renewal.stop();
                 match stored {
                     Ok(completion) => log_completion(completion),
                     Err(error) => tracing::error!(
@@ -592,14 +641,16 @@ impl PendingRecord {
         record: CompletedRecord,
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
-        let committed = work
-            .commit_with_record(self.key.clone(), self.token, record, ttl)
+        let committed = self
+            .renewal
+            .during(work.commit_with_record(self.key.clone(), self.token, record, ttl))
             .await;
         match committed {
             Ok(Completion::LostReservation) => {
                 self.stop_renewing();
                 tracing::error!(
-                    "idempotency: a handler's reservation lapsed and another request took its                      key before it committed; its transaction was rolled back"
+                    "idempotency: a handler's reservation lapsed and another request took its \
+                     key before it committed; its transaction was rolled back"
                 );
                 Err(IdempotencyError::ReservationLost)
             }
@@ -637,9 +688,7 @@ impl PendingRecord {
 
     fn stop_renewing(&mut self) {
         self.settled = true;
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
+        self.renewal.stop();
     }
 }
 
@@ -682,9 +731,6 @@ fn log_completion(completion: Completion) {
 
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),

@@ -198,6 +198,7 @@ pub use storage::{RedisStore, RedisStoreBuilder};
 /// `Transform` implementations (as actix-web's own middleware services live in
 /// `actix_web::dev`), and no application needs to name them.
 pub mod dev {
+    pub use crate::flow::Detached;
     pub use crate::middleware::InnerIdempotencyMiddleware;
     pub use crate::policy::IdempotencyPolicyService;
 }

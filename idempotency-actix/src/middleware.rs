@@ -178,6 +178,8 @@ fn refuse_per_worker_stores(config: &Config) -> Result<(), &'static str> {
 
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
 type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>;
+/// A keyed request routed in a task of its own.
+type Detached<B> = flow::Detached<ServiceResponse<EitherBody<B>>>;
 
 /// The service behind [`IdempotencyMiddleware`](crate::IdempotencyMiddleware); not used directly.
 #[derive(Debug)]
@@ -193,7 +195,7 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = Error;
-    type Future = Either<MapOk<S::Future, MapIntoLeft<B>>, BoxedResponse<B>>;
+    type Future = Either<MapOk<S::Future, MapIntoLeft<B>>, Either<Detached<B>, BoxedResponse<B>>>;
 
     forward_ready!(service);
 
@@ -203,12 +205,12 @@ where
         let Some(started) = telemetry else {
             return untouched;
         };
-        Either::Right(Box::pin(async move {
+        Either::Right(Either::Right(Box::pin(async move {
             untouched.await.map(|mut response| {
                 started.stamp(response.headers_mut());
                 response
             })
-        }))
+        })))
     }
 }
 
@@ -244,14 +246,15 @@ where
         let detach = keyed && outer != Outer::Detached;
         slot.detached.set(keyed);
         let routed = self.service.call(req);
-        Either::Right(Box::pin(async move {
-            let settle = async move { deferred::apply(&slot, routed.await).await };
-            if detach {
-                flow::run_detached(settle).await
-            } else {
-                settle.await
-            }
-        }))
+        let settle = async move {
+            let result = deferred::renewing(&slot, routed).await;
+            deferred::apply(&slot, result).await
+        };
+        if detach {
+            Either::Right(Either::Left(flow::spawn_detached(settle)))
+        } else {
+            Either::Right(Either::Right(Box::pin(settle)))
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use std::{
 };
 
 use futures_util::future::LocalBoxFuture;
+use metrics::{Key, Label, Metadata};
 use sha2::{Digest, Sha256};
 use tracing::Span;
 
@@ -23,8 +24,18 @@ use crate::{
     storage::{
         CompletedRecord, Completion, DynStore, KeyState, Renewal, Reservation, ReservationToken,
     },
-    Fingerprint, IdempotencyError, StoreError,
+    Fingerprint, IdempotencyError, IdempotencyStore, StoreError,
 };
+
+/// A metric key with one label, built at compile time: recording under it builds no label set
+/// and allocates nothing, as a macro call with a label value chosen at run time would.
+macro_rules! static_key {
+    ($name:expr, $label:literal => $value:expr) => {{
+        static LABELS: [Label; 1] = [Label::from_static_parts($label, $value)];
+        static KEY: Key = Key::from_static_parts($name, &LABELS);
+        &KEY
+    }};
+}
 
 /// The counter of keyed requests, by outcome.
 pub(crate) const REQUESTS: &str = "idempotency_requests_total";
@@ -54,7 +65,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Self::Fresh => "fresh",
             Self::Replayed => "replayed",
@@ -75,7 +86,71 @@ impl Outcome {
             _ => Self::Refused,
         }
     }
+
+    fn requests_key(self) -> &'static Key {
+        match self {
+            Self::Fresh => static_key!(REQUESTS, "outcome" => Outcome::Fresh.as_str()),
+            Self::Replayed => static_key!(REQUESTS, "outcome" => Outcome::Replayed.as_str()),
+            Self::InFlight => static_key!(REQUESTS, "outcome" => Outcome::InFlight.as_str()),
+            Self::Mismatch => static_key!(REQUESTS, "outcome" => Outcome::Mismatch.as_str()),
+            Self::Refused => static_key!(REQUESTS, "outcome" => Outcome::Refused.as_str()),
+            Self::StoreError => static_key!(REQUESTS, "outcome" => Outcome::StoreError.as_str()),
+            Self::Unprotected => static_key!(REQUESTS, "outcome" => Outcome::Unprotected.as_str()),
+        }
+    }
 }
+
+/// A store operation, as the `operation` label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreOperation {
+    Reserve,
+    Renew,
+    Complete,
+    Release,
+    Inspect,
+    Purge,
+}
+
+impl StoreOperation {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserve => "reserve",
+            Self::Renew => "renew",
+            Self::Complete => "complete",
+            Self::Release => "release",
+            Self::Inspect => "inspect",
+            Self::Purge => "purge",
+        }
+    }
+
+    fn duration_key(self) -> &'static Key {
+        use StoreOperation as Op;
+        match self {
+            Op::Reserve => static_key!(STORE_DURATION, "operation" => Op::Reserve.as_str()),
+            Op::Renew => static_key!(STORE_DURATION, "operation" => Op::Renew.as_str()),
+            Op::Complete => static_key!(STORE_DURATION, "operation" => Op::Complete.as_str()),
+            Op::Release => static_key!(STORE_DURATION, "operation" => Op::Release.as_str()),
+            Op::Inspect => static_key!(STORE_DURATION, "operation" => Op::Inspect.as_str()),
+            Op::Purge => static_key!(STORE_DURATION, "operation" => Op::Purge.as_str()),
+        }
+    }
+
+    fn errors_key(self) -> &'static Key {
+        use StoreOperation as Op;
+        match self {
+            Op::Reserve => static_key!(STORE_ERRORS, "operation" => Op::Reserve.as_str()),
+            Op::Renew => static_key!(STORE_ERRORS, "operation" => Op::Renew.as_str()),
+            Op::Complete => static_key!(STORE_ERRORS, "operation" => Op::Complete.as_str()),
+            Op::Release => static_key!(STORE_ERRORS, "operation" => Op::Release.as_str()),
+            Op::Inspect => static_key!(STORE_ERRORS, "operation" => Op::Inspect.as_str()),
+            Op::Purge => static_key!(STORE_ERRORS, "operation" => Op::Purge.as_str()),
+        }
+    }
+}
+
+/// Where the metrics are registered from, for recorders that filter on it.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// The span of one keyed request. The key is never in it: only the first 12 hex digits of a
 /// SHA-256 of its storage key, enough to follow one key through the logs.
@@ -102,7 +177,11 @@ pub(crate) fn record_key(span: &Span, storage_key: &str) {
 /// Records how the request was answered, on its span and in the request counter.
 pub(crate) fn record_outcome(span: &Span, outcome: Outcome) {
     span.record("outcome", outcome.as_str());
-    metrics::counter!(REQUESTS, "outcome" => outcome.as_str()).increment(1);
+    metrics::with_recorder(|recorder| {
+        recorder
+            .register_counter(outcome.requests_key(), &METADATA)
+            .increment(1);
+    });
 }
 
 /// A store with every operation timed and counted.
@@ -110,22 +189,31 @@ pub(crate) struct Observed<S> {
     inner: S,
 }
 
-impl<S: DynStore> Observed<S> {
+impl<S: IdempotencyStore> Observed<S> {
     pub(crate) fn new(inner: S) -> Self {
         Self { inner }
     }
 }
 
 async fn timed<T>(
-    operation: &'static str,
+    operation: StoreOperation,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     let started = Instant::now();
     let result = call.await;
     let elapsed = started.elapsed();
-    metrics::histogram!(STORE_DURATION, "operation" => operation).record(elapsed.as_secs_f64());
+    metrics::with_recorder(|recorder| {
+        recorder
+            .register_histogram(operation.duration_key(), &METADATA)
+            .record(elapsed.as_secs_f64());
+        if result.is_err() {
+            recorder
+                .register_counter(operation.errors_key(), &METADATA)
+                .increment(1);
+        }
+    });
+    let operation = operation.as_str();
     if let Err(error) = &result {
-        metrics::counter!(STORE_ERRORS, "operation" => operation).increment(1);
         tracing::debug!(operation, elapsed_ms = millis(elapsed), %error, "store call failed");
     } else {
         tracing::trace!(operation, elapsed_ms = millis(elapsed), "store call");
@@ -137,7 +225,8 @@ fn millis(elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1000.0
 }
 
-impl<S: DynStore> DynStore for Observed<S> {
+// The inner store's own futures are awaited inside the timing: one boxed future per call.
+impl<S: IdempotencyStore> DynStore for Observed<S> {
     fn reserve<'a>(
         &'a self,
         key: &'a str,
@@ -146,8 +235,8 @@ impl<S: DynStore> DynStore for Observed<S> {
         lease: Duration,
     ) -> LocalBoxFuture<'a, Result<Reservation, StoreError>> {
         Box::pin(timed(
-            "reserve",
-            self.inner.reserve(key, token, fingerprint, lease),
+            StoreOperation::Reserve,
+            IdempotencyStore::reserve(&self.inner, key, token, fingerprint, lease),
         ))
     }
 
@@ -159,8 +248,8 @@ impl<S: DynStore> DynStore for Observed<S> {
         lease: Duration,
     ) -> LocalBoxFuture<'a, Result<Renewal, StoreError>> {
         Box::pin(timed(
-            "renew",
-            self.inner.renew(key, token, fingerprint, lease),
+            StoreOperation::Renew,
+            IdempotencyStore::renew(&self.inner, key, token, fingerprint, lease),
         ))
     }
 
@@ -172,8 +261,8 @@ impl<S: DynStore> DynStore for Observed<S> {
         ttl: Duration,
     ) -> LocalBoxFuture<'a, Result<Completion, StoreError>> {
         Box::pin(timed(
-            "complete",
-            self.inner.complete(key, token, record, ttl),
+            StoreOperation::Complete,
+            IdempotencyStore::complete(&self.inner, key, token, record, ttl),
         ))
     }
 
@@ -182,30 +271,39 @@ impl<S: DynStore> DynStore for Observed<S> {
         key: &'a str,
         token: ReservationToken,
     ) -> LocalBoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(timed("release", self.inner.release(key, token)))
+        Box::pin(timed(
+            StoreOperation::Release,
+            IdempotencyStore::release(&self.inner, key, token),
+        ))
     }
 
     fn inspect<'a>(
         &'a self,
         key: &'a str,
     ) -> LocalBoxFuture<'a, Result<Option<KeyState>, StoreError>> {
-        Box::pin(timed("inspect", self.inner.inspect(key)))
+        Box::pin(timed(
+            StoreOperation::Inspect,
+            IdempotencyStore::inspect(&self.inner, key),
+        ))
     }
 
     fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(timed("purge", self.inner.purge(key)))
+        Box::pin(timed(
+            StoreOperation::Purge,
+            IdempotencyStore::purge(&self.inner, key),
+        ))
     }
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
-        self.inner.wait_for_change(key, within)
+        Box::pin(IdempotencyStore::wait_for_change(&self.inner, key, within))
     }
 
     fn longest_notified_wait(&self) -> Option<Duration> {
-        self.inner.longest_notified_wait()
+        IdempotencyStore::longest_notified_wait(&self.inner)
     }
 
     fn as_any(&self) -> &dyn Any {
-        self.inner.as_any()
+        &self.inner
     }
 }
 

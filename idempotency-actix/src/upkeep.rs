@@ -5,9 +5,14 @@
 use std::{
     convert::Infallible,
     future::Future,
+    pin::pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
+
+use futures_util::future::{select, Either, LocalBoxFuture};
+use tracing::Instrument;
 
 use crate::{
     storage::{DynStore, Renewal, ReservationToken},
@@ -68,6 +73,61 @@ pub(crate) async fn keep_reserved(
             Err(error) => {
                 tracing::warn!("idempotency: could not renew a reservation, retrying: {error}");
                 pause = (period / 4).max(FIRST_RETRY);
+            }
+        }
+    }
+}
+
+/// A reservation's renewals, made by whatever awaits the work the reservation protects (the
+/// handler, then the storing of its response), in that work's own task.
+///
+/// Most handlers finish long before their first renewal is due: this costs them one timer,
+/// where a task of its own would cost a spawn and a cancellation on every keyed request.
+/// Dropped (or [`stop`](Self::stop)ped), it renews no more.
+pub(crate) struct Renewals(Option<LocalBoxFuture<'static, Infallible>>);
+
+impl Renewals {
+    /// Renews the reservation `token` holds on `key`, every third of `lease`, while driven.
+    pub(crate) fn start(
+        store: Arc<dyn DynStore>,
+        key: String,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Self {
+        Self(Some(Box::pin(
+            async move { keep_reserved(store.as_ref(), &key, token, fingerprint, lease).await }
+                .in_current_span(),
+        )))
+    }
+
+    /// Renews no more.
+    pub(crate) fn stop(&mut self) {
+        self.0 = None;
+    }
+
+    /// Hands the renewals over (to a task that goes on storing the response); this one renews
+    /// no more.
+    pub(crate) fn take(&mut self) -> Self {
+        Self(self.0.take())
+    }
+
+    /// Awaits `work`, renewing meanwhile.
+    pub(crate) async fn during<F: Future>(&mut self, work: F) -> F::Output {
+        let Some(renewing) = self.0.as_mut() else {
+            return work.await;
+        };
+        match select(pin!(work), renewing.as_mut()).await {
+            Either::Left((output, _)) => output,
+            Either::Right((never, _)) => match never {},
+        }
+    }
+
+    /// Renews if one is due; for a caller that polls the protected work itself.
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) {
+        if let Some(renewing) = self.0.as_mut() {
+            if let Poll::Ready(never) = renewing.as_mut().poll(cx) {
+                match never {}
             }
         }
     }

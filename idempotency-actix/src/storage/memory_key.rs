@@ -7,10 +7,12 @@
 //! digest, which is as collision-free as the default encoder itself. The two kinds are tagged
 //! apart, so a key that spells a digest in hex can never meet a key that was hashed.
 
+use std::hash::{Hash, Hasher};
+
 use sha2::{Digest, Sha256};
 
 /// A storage key as the memory store holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MemoryKey {
     /// 64 lower-case hex digits, decoded.
     Spelled([u8; 32]),
@@ -27,6 +29,21 @@ impl MemoryKey {
     }
 }
 
+/// The 32 bytes as four words: the maps' seeded hasher mixes each word at once, where a byte
+/// slice would take its slower path for long input on every lookup (several per request).
+/// The tag is left out: two keys that differ only in it share a bucket, and equality tells
+/// them apart.
+impl Hash for MemoryKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let (Self::Spelled(bytes) | Self::Hashed(bytes)) = self;
+        for word in bytes.chunks_exact(8) {
+            let mut eight = [0; 8];
+            eight.copy_from_slice(word);
+            state.write_u64(u64::from_le_bytes(eight));
+        }
+    }
+}
+
 /// The 32 bytes that 64 lower-case hex digits spell. Upper-case digits are not accepted, so
 /// that each spelled key has exactly one text form.
 fn decode_hex(key: &str) -> Option<[u8; 32]> {
@@ -34,20 +51,29 @@ fn decode_hex(key: &str) -> Option<[u8; 32]> {
     if digits.len() != 64 {
         return None;
     }
+    // Table lookups without a branch per digit: digest digits are random, and a branch per
+    // digit would be mispredicted half the time.
     let mut bytes = [0; 32];
+    let mut invalid = 0;
     for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (high, low) = (NIBBLES[usize::from(pair[0])], NIBBLES[usize::from(pair[1])]);
+        invalid |= high | low;
+        *byte = (high << 4) | (low & 0x0f);
     }
-    Some(bytes)
+    (invalid & NOT_A_DIGIT == 0).then_some(bytes)
 }
 
-fn nibble(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
+/// What a byte is worth as a lower-case hex digit, or [`NOT_A_DIGIT`].
+static NIBBLES: [u8; 256] = {
+    let mut table = [NOT_A_DIGIT; 256];
+    let mut digit = 0;
+    while digit < 16 {
+        table[b"0123456789abcdef"[digit] as usize] = digit as u8;
+        digit += 1;
     }
-}
+    table
+};
+const NOT_A_DIGIT: u8 = 0xf0;
 
 #[cfg(test)]
 mod tests {
