@@ -85,7 +85,7 @@ impl Stream for DeferredDefault {
                 State::Refusing => {
                     this.state = State::Answered;
                     return Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::other(
-                        "answered by IdempotencyMiddleware",
+                        AnsweredByTheMiddleware,
                     )))));
                 }
                 State::Answered => return Poll::Ready(None),
@@ -93,6 +93,19 @@ impl Stream for DeferredDefault {
         }
     }
 }
+
+/// What the handler's body extractor fails with when the default answers instead (a type of
+/// its own: a message would be copied into a new string on every replay).
+#[derive(Debug, Clone, Copy)]
+struct AnsweredByTheMiddleware;
+
+impl std::fmt::Display for AnsweredByTheMiddleware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("answered by IdempotencyMiddleware")
+    }
+}
+
+impl std::error::Error for AnsweredByTheMiddleware {}
 
 /// The first read: the default starts, unless a route policy (or an inner registration)
 /// already took the request, in which case the real payload is read as it is (through whatever
@@ -117,9 +130,13 @@ fn start(slot: &RouteSlot) -> State {
         .borrow_mut()
         .take()
         .unwrap_or(Payload::None);
-    State::Settling(Box::pin(async move {
-        flow::start(&config, KeyedPolicy::Required, None, facts, payload).await
-    }))
+    State::Settling(Box::pin(flow::start(
+        config,
+        KeyedPolicy::Required,
+        None,
+        facts,
+        payload,
+    )))
 }
 
 fn scope_too_early() -> IdempotencyError {

@@ -17,7 +17,7 @@ use actix_web::{
     Error, HttpResponse, ResponseError,
 };
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, Span};
+use tracing::{instrument::Instrumented, Instrument, Span};
 
 use crate::{
     body::{read_request_body, Recorded, RecordingBody, RequestBodyError},
@@ -71,24 +71,25 @@ fn refuse(error: IdempotencyError) -> Start {
 }
 
 /// Decides what a request under a keyed policy gets, reserving its key if it runs.
-pub(crate) async fn start(
-    config: &Arc<Config>,
+///
+/// (A plain function around one async one: each async layer would copy the whole state
+/// machine once more before it starts, on every keyed request.)
+pub(crate) fn start(
+    config: Arc<Config>,
     policy: KeyedPolicy,
-    store_name: Option<&str>,
+    store_name: Option<Arc<str>>,
     facts: RequestFacts,
     payload: Payload,
-) -> Start {
+) -> Instrumented<impl Future<Output = Start>> {
     let span = keyed_request_span(facts.method.as_str(), &facts.path);
-    decide(config, policy, store_name, facts, payload)
-        .instrument(span)
-        .await
+    decide(config, policy, store_name, facts, payload).instrument(span)
 }
 
 /// [`start`], inside the request's span.
 async fn decide(
-    config: &Arc<Config>,
+    config: Arc<Config>,
     policy: KeyedPolicy,
-    store_name: Option<&str>,
+    store_name: Option<Arc<str>>,
     mut facts: RequestFacts,
     payload: Payload,
 ) -> Start {
@@ -110,16 +111,17 @@ async fn decide(
             })
         }
     };
+    let store_name = store_name.as_deref();
     let Some(store) = config.store(store_name).cloned() else {
         tracing::error!("idempotency: no store is registered under the name {store_name:?}");
         return refuse(IdempotencyError::Misconfigured("unknown store name"));
     };
-    let body = match read_body(config, facts.content_length, payload).await {
+    let body = match read_body(&config, facts.content_length, payload).await {
         Ok(body) => body,
         Err(error) => return refuse(error),
     };
     let operation = Operation {
-        fingerprint: request_fingerprint(config, &facts, &body),
+        fingerprint: request_fingerprint(&config, &facts, &body),
         storage_key: config.encoder.encode(
             &KeyParts::new(&key, &facts.method, &facts.path, &body)
                 .scope(facts.scope.as_deref())
@@ -131,7 +133,7 @@ async fn decide(
         manual: policy == KeyedPolicy::Manual,
     };
     record_key(&Span::current(), &operation.storage_key);
-    operation.settle(config).await
+    operation.settle(&config).await
 }
 
 /// What identifies the request's payload: the configured fingerprint of its content type and
@@ -183,7 +185,8 @@ impl Operation {
     /// Reserves the key, or answers from its record; a duplicate of a running request waits
     /// for its record up to the lock timeout.
     async fn settle(self, config: &Arc<Config>) -> Start {
-        let give_up_at = deadline_after(config.lock_wait);
+        // Read from the clock only once a duplicate has to wait: most requests never do.
+        let mut give_up_at = None;
         let lease = config.reservation_lease;
         let token = ReservationToken::generate();
         let mut wait = FIRST_WAIT;
@@ -223,6 +226,7 @@ impl Operation {
                 return refuse(IdempotencyError::PayloadMismatch);
             }
             let now = Instant::now();
+            let give_up_at = *give_up_at.get_or_insert_with(|| deadline_after(config.lock_wait));
             let left = give_up_at.map_or(wait, |at| at.saturating_duration_since(now));
             if left.is_zero() {
                 return refuse(IdempotencyError::InFlight {

@@ -190,7 +190,7 @@ where
         let store = self.policy.store.clone();
         Either::Right(Box::pin(async move {
             let payload = req.take_payload();
-            match flow::start(&config, keyed, store.as_deref(), facts, payload).await {
+            match flow::start(config, keyed, store, facts, payload).await {
                 Start::Respond(response) => Ok(req.into_response(response).map_into_right_body()),
                 Start::Proceed {
                     payload,

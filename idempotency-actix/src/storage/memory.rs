@@ -155,8 +155,8 @@ impl MemoryStore {
         self.evictions.total.load(Ordering::Relaxed)
     }
 
-    fn record(&self, key: &MemoryKey) -> Option<Arc<CompletedRecord>> {
-        self.records.get(key)
+    fn record(&self, key: &MemoryKey, now: Instant) -> Option<Arc<CompletedRecord>> {
+        self.records.get(key, now)
     }
 
     fn reserve_now(
@@ -179,7 +179,7 @@ impl MemoryStore {
                 remaining_lease: owner.expires_at.saturating_duration_since(now),
             });
         }
-        if let Some(record) = self.record(key) {
+        if let Some(record) = self.record(key, now) {
             return Ok(Reservation::Completed(record));
         }
         // Replacing this key's own expired reservation adds nothing.
@@ -244,17 +244,17 @@ impl MemoryStore {
                 };
                 // The record goes in before the reservation goes out, both under the shard's
                 // lock: a concurrent reserve sees one or the other.
-                evicted = self.records.insert(key, record, ttl, weight);
+                evicted = self.records.insert(key, record, ttl, weight, now);
                 locked.remove(key);
                 completion
             }
             Some(other) if other.is_live(now) => Completion::LostReservation,
-            _ => match self.record(key) {
+            _ => match self.record(key, now) {
                 // A repeated completion finds its own record.
                 Some(stored) if *stored == *record => Completion::Stored,
                 Some(_) => Completion::LostReservation,
                 None => {
-                    evicted = self.records.insert(key, record, ttl, weight);
+                    evicted = self.records.insert(key, record, ttl, weight, now);
                     locked.remove(key);
                     Completion::StoredWithoutReservation
                 }

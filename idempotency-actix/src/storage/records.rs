@@ -76,9 +76,8 @@ impl Records {
         &self.shards[index]
     }
 
-    /// The live record of `key`, which becomes the most recently used.
-    pub(super) fn get(&self, key: &MemoryKey) -> Option<Arc<CompletedRecord>> {
-        let now = Instant::now();
+    /// The live record of `key` at `now`, which becomes the most recently used.
+    pub(super) fn get(&self, key: &MemoryKey, now: Instant) -> Option<Arc<CompletedRecord>> {
         let mut shard = self.shard(key).lock();
         match shard.list.get(key) {
             Some(kept) if kept.expires_at > now => Some(Arc::clone(&kept.record)),
@@ -126,7 +125,7 @@ impl Records {
             .is_some_and(|kept| kept.expires_at > now)
     }
 
-    /// Stores `record` for `ttl`, evicting the least recently used records past the bound, and
+    /// Stores `record` for `ttl` from `now`, evicting the least recently used records past the bound, and
     /// says how many live records it evicted. A record heavier than a whole shard's budget
     /// evicts everything else in its shard: the newest record always stays.
     pub(super) fn insert(
@@ -135,8 +134,8 @@ impl Records {
         record: Arc<CompletedRecord>,
         ttl: Duration,
         weight: u64,
+        now: Instant,
     ) -> u64 {
-        let now = Instant::now();
         let kept = Kept {
             record,
             expires_at: deadline(now, ttl),
