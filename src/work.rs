@@ -22,9 +22,7 @@ pub async fn work(
     delay: web::Data<Delay>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let run = runs.record();
-    actix_web::rt::time::sleep(delay.0).await;
-    HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))
+    perform(&runs, *delay.get_ref(), &body).await
 }
 
 /// `POST /plain-work`: [`work`] on a route without a policy, whose key the enforce-mode default
@@ -34,6 +32,11 @@ pub async fn plain_work(
     delay: web::Data<Delay>,
     body: web::Bytes,
 ) -> HttpResponse {
+    perform(&runs, *delay.get_ref(), &body).await
+}
+
+/// What `/work` and `/plain-work` do.
+async fn perform(runs: &Runs, delay: Delay, body: &[u8]) -> HttpResponse {
     let run = runs.record();
     actix_web::rt::time::sleep(delay.0).await;
     HttpResponse::Created().body(format!("run {run}: {} bytes", body.len()))

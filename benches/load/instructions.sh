@@ -43,24 +43,18 @@ measure() {
   local url
   url=$(awk -v name="$server_name" '$1 == name { print $2 }' "$work/servers")
   wrk -t1 -c4 -d2s -s "$here/$script.lua" "$url$path" >/dev/null
-  callgrind_control --zero "$server" >/dev/null
+  callgrind_control --zero "$server" >/dev/null 2>&1
   local requests
   requests=$(wrk -t1 -c4 -d"$MEASURE" -s "$here/$script.lua" "$url$path" | awk '/requests in/ { print $1 }')
-  callgrind_control --dump "$server" >/dev/null
+  callgrind_control --dump "$server" >/dev/null 2>&1
   stop_server
   local instructions
   instructions=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
   echo $((instructions / requests))
 }
 
-# case name, server name, path, script
-cases=(
-  "bare bare /orders fresh"
-  "memory_fresh memory /orders fresh"
-  "memory_replay memory /orders replay"
-  "bare_exempt bare /exempt unkeyed"
-  "memory_exempt memory /exempt unkeyed"
-)
+# shellcheck source=benches/load/cases.sh
+source "$here/cases.sh"
 echo "== instructions per request, $MEASURE per case under callgrind"
 for case in "${cases[@]}"; do
   read -r name server_name path script <<<"$case"

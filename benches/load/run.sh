@@ -45,14 +45,8 @@ start_server() {
 }
 url() { awk -v name="$1" '$1 == name { print $2 }' "$work/servers"; }
 
-# case name, server name, path, script
-cases=(
-  "bare bare /orders fresh"
-  "memory_fresh memory /orders fresh"
-  "memory_replay memory /orders replay"
-  "bare_exempt bare /exempt unkeyed"
-  "memory_exempt memory /exempt unkeyed"
-)
+# shellcheck source=benches/load/cases.sh
+source "$here/cases.sh"
 start_server
 if [ -n "$(url redis)" ]; then
   cases+=("redis_fresh redis /orders fresh" "redis_replay redis /orders replay")
