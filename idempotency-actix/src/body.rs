@@ -20,31 +20,24 @@ pub(crate) enum RequestBodyError {
     Unreadable,
 }
 
-/// Reads a request body of at most `limit` bytes. A body that arrives in one chunk (most do)
-/// is kept as it is, without a copy.
+/// Reads a request body of at most `limit` bytes, into a buffer of its own.
+///
+/// Always copied, even when it arrives in one chunk: a chunk is a slice of the connection's
+/// read buffer, and a handler that echoes its body into its response would otherwise have the
+/// stored record hold that whole buffer, many times what the store weighs it at.
 pub(crate) async fn read_request_body(
     mut payload: Payload,
     limit: usize,
 ) -> Result<Bytes, RequestBodyError> {
-    let mut first: Option<Bytes> = None;
     let mut buffer = BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| RequestBodyError::Unreadable)?;
-        let read = first.as_ref().map_or(0, Bytes::len) + buffer.len();
-        if read + chunk.len() > limit {
+        if buffer.len() + chunk.len() > limit {
             return Err(RequestBodyError::TooLarge);
         }
-        match first.take() {
-            None if buffer.is_empty() => first = Some(chunk),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    buffer.extend_from_slice(&earlier);
-                }
-                buffer.extend_from_slice(&chunk);
-            }
-        }
+        buffer.extend_from_slice(&chunk);
     }
-    Ok(first.unwrap_or_else(|| buffer.freeze()))
+    Ok(buffer.freeze())
 }
 
 /// What a streamed response body left for the record once it was done.
