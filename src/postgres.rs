@@ -5,6 +5,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
+use idempotency_actix::PostgresStore;
 use sqlx::{Connection, PgConnection};
 
 pub use crate::test_database::postgres_url_or_skip;
@@ -50,6 +51,19 @@ impl FreshDatabase {
             Some((server, _database)) => format!("{server}/{}", self.name),
             None => format!("{}/{}", self.server_url, self.name),
         }
+    }
+
+    /// A store on it, with its schema (20 connections: enough for the concurrent tests).
+    pub async fn store(&self) -> PostgresStore {
+        let store = PostgresStore::builder(&self.url())
+            .max_connections(20)
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"));
+        store
+            .ensure_schema()
+            .await
+            .unwrap_or_else(|e| panic!("schema: {e}"));
+        store
     }
 
     /// Runs one statement that returns a number (a count, say).

@@ -8,7 +8,7 @@ use actix_web::{http::StatusCode, post, test, web, App, HttpResponse};
 use bytes::Bytes;
 use idempotency_actix::{
     idempotent, storage::KeyState, AuthorizationScope, IdempotencyKey, IdempotencyMiddleware,
-    KeyTarget, MemoryStore, PostgresStore, PythonKeyEncoder, RedisStore, StoreError,
+    KeyTarget, MemoryStore, PythonKeyEncoder, RedisStore, StoreError,
 };
 use idempotency_actix_workspace::{
     admin::{admin_routes, AdminAccess},
@@ -197,13 +197,7 @@ async fn admin_routes_find_and_purge_keys_on_postgres() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = PostgresStore::builder(&database.url())
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let store = database.store().await;
     let orders = Orders::database(store.pool().clone(), "demo_orders")
         .await
         .unwrap_or_else(|e| panic!("orders table: {e}"));

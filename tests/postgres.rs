@@ -20,18 +20,6 @@ use serde_json::json;
 const ORDER: &str = r#"{"item":"book"}"#;
 const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
 
-async fn store_in(database: &FreshDatabase) -> PostgresStore {
-    let store = PostgresStore::builder(&database.url())
-        .max_connections(20)
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
-    store
-}
-
 async fn demo_server(store: PostgresStore) -> TestServer {
     let orders = Orders::database(store.pool().clone(), "demo_orders")
         .await
@@ -67,7 +55,7 @@ async fn duplicates_on_two_servers_create_one_order() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = store_in(&database).await;
+    let store = database.store().await;
     let servers = [
         demo_server(store.clone()).await,
         demo_server(store.clone()).await,
@@ -142,7 +130,7 @@ async fn write_effect(effects: web::Data<Effects>, mut tx: IdempotentTransaction
 }
 
 async fn effects_server(database: &FreshDatabase, effects: Effects) -> (TestServer, PostgresStore) {
-    let store = store_in(database).await;
+    let store = database.store().await;
     sqlx::raw_sql("CREATE TABLE effects (run bigint NOT NULL)")
         .execute(store.pool())
         .await
