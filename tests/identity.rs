@@ -150,14 +150,14 @@ async fn percent_encoded_spellings_of_one_path_are_one_operation() {
     }
 }
 
-/// Routing answers what it would without the middleware, and nothing is reserved.
+/// Enforce mode settles every unsafe request before its handler could run, and routing does not
+/// say beforehand whether it finds a route: a keyless request to an unknown path or method gets
+/// 400 like any other; a keyed one gets routing's own answer, and its key stays free.
 #[actix_rt::test]
-async fn unmatched_paths_and_methods_answer_as_routing_does_without_reserving() {
-    let requests = || {
+async fn unmatched_paths_and_methods_answer_as_routing_does_and_keep_nothing() {
+    let keyed = || {
         vec![
-            post("/nope", None),
             post("/nope", Some("k1")),
-            test::TestRequest::put().uri("/report"),
             test::TestRequest::put()
                 .uri("/report")
                 .insert_header(("Idempotency-Key", "k2")),
@@ -166,19 +166,43 @@ async fn unmatched_paths_and_methods_answer_as_routing_does_without_reserving() 
     let without = {
         let app = test::init_service(App::new().service(report)).await;
         let mut statuses = Vec::new();
-        for request in requests() {
+        for request in keyed() {
             statuses.push(respond(&app, request.to_request()).await.status);
         }
         statuses
     };
-    assert_eq!(without[0], StatusCode::NOT_FOUND);
+    assert_eq!(without, [StatusCode::NOT_FOUND, StatusCode::NOT_FOUND]);
 
     let (store, asked) = FaultyStore::new();
     let runs = Runs::default();
-    let with = exchange(IdempotencyMiddleware::builder(store), &runs, requests()).await;
+    let twice: Vec<_> = keyed().into_iter().chain(keyed()).collect();
+    let with = exchange(IdempotencyMiddleware::builder(store), &runs, twice).await;
     let with: Vec<_> = with.iter().map(|answer| answer.status).collect();
-    assert_eq!(with, without);
-    assert_eq!(asked.reservations.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        with[..2],
+        without,
+        "routing's answers, not the middleware's"
+    );
+    assert_eq!(
+        with[2..],
+        without,
+        "the keys stayed free: no replay, no 409"
+    );
+    assert_eq!(asked.reservations.load(Ordering::SeqCst), 4);
+
+    let keyless = exchange(
+        IdempotencyMiddleware::builder(MemoryStore::builder().build()),
+        &runs,
+        vec![post("/nope", None), test::TestRequest::put().uri("/report")],
+    )
+    .await;
+    for answer in keyless {
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+        assert!(answer
+            .problem_type()
+            .is_some_and(|t| t.ends_with("#missing-key")));
+    }
+    assert_eq!(runs.count(), 0);
 }
 
 #[actix_rt::test]

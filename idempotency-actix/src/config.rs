@@ -96,10 +96,12 @@ pub(crate) struct Config {
     pub(crate) store_outage: StoreOutage,
     pub(crate) query_in_fingerprint: bool,
     pub(crate) replay_set_cookie: bool,
-    /// Set once the enforce-mode default found that the caller scope changed after routing
-    /// (an authentication middleware runs after this middleware computed it): from then on
-    /// the default refuses keyed requests instead of scoping them wrongly.
-    pub(crate) scope_seen_too_early: AtomicBool,
+    /// Set once the enforce-mode default found that the caller scope changed after it settled a
+    /// key (an authentication middleware runs further in): from then on the default refuses
+    /// keyed requests instead of scoping them wrongly.
+    pub(crate) default_scope_latch: Arc<AtomicBool>,
+    /// The base of the problem `type` URIs this middleware answers with.
+    pub(crate) problem_base: Arc<str>,
 }
 
 impl std::fmt::Debug for Config {
@@ -335,8 +337,8 @@ impl IdempotencyMiddlewareBuilder {
     }
 
     /// The base of the `type` URI of every problem+json answer (the slug follows it), to point
-    /// clients at the service's own documentation of these errors. It applies to the whole
-    /// process: the last middleware built with one sets it.
+    /// clients at the service's own documentation of these errors. It applies to this
+    /// middleware's answers and to those of the extractors on its routes.
     ///
     /// Defaults to [`PROBLEM_TYPE_BASE`](crate::PROBLEM_TYPE_BASE), this crate's `problems`
     /// documentation page.
@@ -431,9 +433,6 @@ impl IdempotencyMiddlewareBuilder {
                 ttl: self.record_ttl,
             });
         }
-        if let Some(base) = self.problem_type_base {
-            crate::error::set_problem_type_base(base);
-        }
         let mut named_stores = HashMap::new();
         for (name, store) in self.named_stores {
             if named_stores.insert(name.clone(), store).is_some() {
@@ -472,7 +471,12 @@ impl IdempotencyMiddlewareBuilder {
             store_outage: self.store_outage,
             query_in_fingerprint: self.query_in_fingerprint,
             replay_set_cookie: self.replay_set_cookie,
-            scope_seen_too_early: AtomicBool::new(false),
+            default_scope_latch: Arc::new(AtomicBool::new(false)),
+            problem_base: Arc::from(
+                self.problem_type_base
+                    .as_deref()
+                    .unwrap_or(crate::PROBLEM_TYPE_BASE),
+            ),
         };
         Ok(IdempotencyMiddleware::from_config(Arc::new(config)))
     }

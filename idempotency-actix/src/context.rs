@@ -1,18 +1,24 @@
-//! What the app-level middleware and a route's policy marker share about one request.
+//! What the middleware and the route it routes to share about one request: who settles its
+//! key, and the body while that is being decided.
 
 use std::{
     cell::{Cell, RefCell},
+    pin::Pin,
+    rc::Rc,
     sync::Arc,
+    task::{Context, Poll},
 };
 
 use actix_web::{
     dev::{Payload, ServiceRequest},
+    error::PayloadError,
     http::{
         header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE},
         Method,
     },
-    HttpResponse,
 };
+use bytes::Bytes;
+use futures_util::Stream;
 
 use crate::{
     config::Config, flow::PendingRecord, key::parse_key_header, key::InvalidKey, IdempotencyKey,
@@ -20,75 +26,129 @@ use crate::{
 
 /// Who settles a request's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Nobody yet: no route policy was reached, and the handler has not read its body.
-    Pending,
-    /// A route policy claimed the request: it settles the key itself, after every middleware
-    /// on its route has run.
-    ClaimedByRoute,
-    /// The handler (or a middleware) began reading the body of a request no route policy
-    /// claimed, so the mode's default settled the key.
-    DefaultStarted,
-    /// Another `IdempotencyMiddleware` registered further in (on a scope) took the request
-    /// over: it runs later, after the middleware between the two.
-    HandedInward,
+enum Settler {
+    /// Nobody yet: routing has not reached a route that declares a policy.
+    Undecided,
+    /// The route declares a policy (or a registration further in took the request over): it
+    /// settles the key itself, after the route's own middleware.
+    Route,
+    /// Routing returned without reaching a policy, so the enforce-mode default settled the key.
+    Default,
 }
 
-/// What the enforce-mode default decided, for the app-level middleware to apply when the
-/// routed request comes back.
-#[derive(Default)]
-pub(crate) enum DefaultOutcome {
-    /// Nothing (yet).
-    #[default]
-    None,
-    /// Answer with this instead of the handler's response; the handler did not run.
-    Answer(HttpResponse),
-    /// The handler runs under this reservation.
-    Running(PendingRecord),
-    /// The handler runs without a reservation (a store outage under fail-open).
-    Unprotected,
-}
-
-/// Put in the request extensions by the app-level middleware before routing.
+/// Put in the request extensions by [`IdempotencyMiddleware`](crate::IdempotencyMiddleware)
+/// before routing.
 ///
-/// A route policy reached at any time before the handler reads its body claims the slot and
-/// settles the key; a handler that reads the body of an unclaimed request starts the mode's
-/// default (through the stand-in payload). A policy that finds the default already started
-/// was reached after something read the body, and reports the setup.
+/// Routing runs synchronously inside the middleware's call, so a route that declares a policy
+/// [claims](Self::claim) the request before the middleware looks: a request nobody claimed goes
+/// to a route without a policy, and the enforce-mode default settles it before its handler can
+/// run. A route reached later (a middleware between deferred routing) takes the request over
+/// from the default.
 pub(crate) struct RouteSlot {
     pub(crate) config: Arc<Config>,
-    pub(crate) decision: Cell<Decision>,
-    /// The real payload, held back while the request carries the stand-in (enforce mode).
-    pub(crate) held_payload: RefCell<Option<Payload>>,
-    /// The request's facts as captured before routing, for the default.
-    pub(crate) facts: RefCell<Option<RequestFacts>>,
-    /// The caller scope the default settled the key under, checked again once the route's
-    /// middleware have run.
-    pub(crate) default_scope: RefCell<Option<String>>,
-    /// The default's decision.
-    pub(crate) outcome: RefCell<DefaultOutcome>,
-    /// Whether the app-level middleware already runs the routed request in its own task, so
-    /// that a route policy need not spawn another.
+    settler: Cell<Settler>,
+    /// The request's body while routing decides who reads it: the real payload, or the body the
+    /// default buffered.
+    held: RefCell<Option<Payload>>,
+    /// The reservation the default runs the handler under.
+    default_run: RefCell<Option<PendingRecord>>,
+    /// Whether a route policy settles the key (a second one on the route is a mistake).
+    policy_applied: Cell<bool>,
+    /// Whether the middleware already runs the routed request in a task of its own, so that a
+    /// route policy need not spawn another.
     pub(crate) detached: Cell<bool>,
+}
+
+/// What a route (or a registration further in) gets when it claims a request.
+pub(crate) struct Claim {
+    /// The body to put back in the request, unless an earlier claim already did.
+    pub(crate) payload: Option<Payload>,
+    /// The default's reservation, made before this route was reached: the claimer frees it
+    /// before it settles the key itself.
+    pub(crate) superseded: Option<PendingRecord>,
 }
 
 impl RouteSlot {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         Self {
             config,
-            decision: Cell::new(Decision::Pending),
-            held_payload: RefCell::new(None),
-            facts: RefCell::new(None),
-            default_scope: RefCell::new(None),
-            outcome: RefCell::new(DefaultOutcome::None),
+            settler: Cell::new(Settler::Undecided),
+            held: RefCell::new(None),
+            default_run: RefCell::new(None),
+            policy_applied: Cell::new(false),
             detached: Cell::new(false),
         }
     }
 
-    /// Claims the request for a route policy, handing back the real payload it held.
-    pub(crate) fn claim_for_route(&self) -> Option<Payload> {
-        self.decision.set(Decision::ClaimedByRoute);
-        self.held_payload.borrow_mut().take()
+    /// Declares that the route settles the key itself.
+    pub(crate) fn claim(&self) -> Claim {
+        match self.settler.replace(Settler::Route) {
+            Settler::Route => Claim {
+                payload: None,
+                superseded: None,
+            },
+            Settler::Undecided | Settler::Default => Claim {
+                payload: self.held.borrow_mut().take(),
+                superseded: self.default_run.borrow_mut().take(),
+            },
+        }
+    }
+
+    /// Records that a route policy settles the key; `false` if one already does.
+    pub(crate) fn apply_policy(&self) -> bool {
+        !self.policy_applied.replace(true)
+    }
+
+    /// The default takes an unclaimed request; `false` if a route claimed it meanwhile.
+    pub(crate) fn settle_by_default(&self) -> bool {
+        if self.settler.get() != Settler::Undecided {
+            return false;
+        }
+        self.settler.set(Settler::Default);
+        true
+    }
+
+    /// Holds the request's body until whoever settles the key takes it.
+    pub(crate) fn hold(&self, payload: Payload) {
+        *self.held.borrow_mut() = Some(payload);
+    }
+
+    /// The held body, for the default to read.
+    pub(crate) fn take_held(&self) -> Payload {
+        self.held.borrow_mut().take().unwrap_or(Payload::None)
+    }
+
+    /// The reservation the default runs the handler under, unless a route took it over.
+    pub(crate) fn default_run(&self) -> std::cell::RefMut<'_, Option<PendingRecord>> {
+        self.default_run.borrow_mut()
+    }
+
+    /// The payload the request carries through routing: it streams whatever body is held once
+    /// the key is settled (a route that claims the request puts the body back itself).
+    pub(crate) fn stand_in(self: &Rc<Self>) -> Payload {
+        let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> = Box::pin(HeldBody {
+            slot: Rc::clone(self),
+            body: None,
+        });
+        Payload::from(stream)
+    }
+}
+
+/// The payload of [`RouteSlot::stand_in`].
+struct HeldBody {
+    slot: Rc<RouteSlot>,
+    body: Option<Payload>,
+}
+
+impl Stream for HeldBody {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let body = this
+            .body
+            .get_or_insert_with(|| this.slot.held.borrow_mut().take().unwrap_or(Payload::None));
+        Pin::new(body).poll_next(cx)
     }
 }
 

@@ -9,7 +9,6 @@ use actix_web::{
     },
     HttpResponse, ResponseError,
 };
-use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::InvalidKey;
@@ -21,15 +20,6 @@ use crate::InvalidKey;
 /// full URI.
 pub const PROBLEM_TYPE_BASE: &str =
     "https://docs.rs/idempotency-actix/latest/idempotency_actix/problems#";
-
-/// The base set by the last middleware built with a `problem_type_base`: problem types name the
-/// service's own documentation, so they are one setting for the process.
-static CONFIGURED_BASE: RwLock<Option<String>> = RwLock::new(None);
-
-/// Makes `base` the base of every problem `type` this process answers with.
-pub(crate) fn set_problem_type_base(base: String) {
-    *CONFIGURED_BASE.write() = Some(base);
-}
 
 /// Why a request did not reach its handler, or why its outcome could not be recorded.
 ///
@@ -77,7 +67,7 @@ pub enum IdempotencyError {
     /// The operation completed, but its response was too large to be stored, so it cannot be
     /// replayed (409).
     #[error(
-        "the request with this idempotency key completed, but its response is too large to replay"
+        "the request with this idempotency key completed, but its response was not kept for replay"
     )]
     ResponseNotReplayable,
     /// The key's record cannot be read by this version (corrupt, or written in another record
@@ -131,13 +121,45 @@ impl IdempotencyError {
         }
     }
 
-    /// The full problem `type` URI of this error: the base set with
-    /// [`problem_type_base`](crate::IdempotencyMiddlewareBuilder::problem_type_base), or
-    /// [`PROBLEM_TYPE_BASE`], followed by the slug.
+    /// The full problem `type` URI of this error under [`PROBLEM_TYPE_BASE`]: the base
+    /// followed by the slug. A middleware built with
+    /// [`problem_type_base`](crate::IdempotencyMiddlewareBuilder::problem_type_base) answers
+    /// with its own base instead.
     pub fn problem_type(&self) -> String {
-        let configured = CONFIGURED_BASE.read();
-        let base = configured.as_deref().unwrap_or(PROBLEM_TYPE_BASE);
-        format!("{base}{}", self.slug())
+        format!("{PROBLEM_TYPE_BASE}{}", self.slug())
+    }
+
+    /// The problem response with `base` in front of its `type` slug: how a middleware (or an
+    /// extractor on one of its routes) answers with the base it was configured with.
+    pub(crate) fn to_response(&self, base: &str) -> HttpResponse {
+        let status = self.status_code();
+        let problem = Problem {
+            kind: format!("{base}{}", self.slug()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            error: format!(
+                "{} ({})",
+                status.canonical_reason().unwrap_or("Error"),
+                status.as_u16()
+            ),
+        };
+        let mut response = HttpResponse::build(status);
+        response.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        ));
+        let retry_after_seconds = match self {
+            Self::InFlight { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            Self::StoreUnavailable | Self::ReservationLost => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after_seconds {
+            response.insert_header((header::RETRY_AFTER, seconds));
+        }
+        // Serialising a struct of strings and integers cannot fail; fall back to an empty
+        // object rather than panic all the same.
+        response.body(serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec()))
     }
 
     fn title(&self) -> &'static str {
@@ -175,34 +197,7 @@ impl ResponseError for IdempotencyError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let status = self.status_code();
-        let problem = Problem {
-            kind: self.problem_type(),
-            title: self.title(),
-            status: status.as_u16(),
-            detail: self.to_string(),
-            error: format!(
-                "{} ({})",
-                status.canonical_reason().unwrap_or("Error"),
-                status.as_u16()
-            ),
-        };
-        let mut response = HttpResponse::build(status);
-        response.insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        ));
-        let retry_after_seconds = match self {
-            Self::InFlight { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            Self::StoreUnavailable | Self::ReservationLost => Some(1),
-            _ => None,
-        };
-        if let Some(seconds) = retry_after_seconds {
-            response.insert_header((header::RETRY_AFTER, seconds));
-        }
-        // Serialising a struct of strings and integers cannot fail; fall back to an empty
-        // object rather than panic all the same.
-        response.body(serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec()))
+        self.to_response(PROBLEM_TYPE_BASE)
     }
 }
 

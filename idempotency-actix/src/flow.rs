@@ -4,7 +4,10 @@ use std::{
     future::Future,
     pin::Pin,
     rc::Rc,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
@@ -14,7 +17,7 @@ use actix_web::{
     dev::{Payload, ServiceResponse},
     http::header::{HeaderMap, CONTENT_TYPE},
     rt::task::JoinHandle,
-    Error, HttpResponse, ResponseError,
+    Error, HttpResponse,
 };
 use sha2::{Digest, Sha256};
 use tracing::{instrument::Instrumented, Instrument, Span};
@@ -53,6 +56,19 @@ pub(crate) enum KeyedPolicy {
     Manual,
 }
 
+/// Where a key is being settled: the route's policy, its store, and the latch that stops this
+/// settle point once the caller scope was seen changing after it.
+#[derive(Debug, Clone)]
+pub(crate) struct SettlePoint {
+    pub(crate) policy: KeyedPolicy,
+    pub(crate) store: Option<Arc<str>>,
+    pub(crate) scope_latch: Arc<AtomicBool>,
+}
+
+/// Why a settle point refuses keyed requests once its latch is set.
+const SCOPE_CHANGED_LATER: &str = "the caller scope changes after this request's key is settled \
+     (authentication runs further in than the idempotency middleware or policy)";
+
 /// The outcome of [`start`].
 pub(crate) enum Start {
     /// Answer with this response; the handler does not run.
@@ -65,9 +81,9 @@ pub(crate) enum Start {
     },
 }
 
-fn refuse(error: IdempotencyError) -> Start {
+fn refuse(config: &Config, error: IdempotencyError) -> Start {
     decided(Outcome::of_refusal(&error));
-    Start::Respond(error.error_response())
+    Start::Respond(error.to_response(&config.problem_base))
 }
 
 /// Decides what a request under a keyed policy gets, reserving its key if it runs.
@@ -76,23 +92,26 @@ fn refuse(error: IdempotencyError) -> Start {
 /// machine once more before it starts, on every keyed request.)
 pub(crate) fn start(
     config: Arc<Config>,
-    policy: KeyedPolicy,
-    store_name: Option<Arc<str>>,
+    point: SettlePoint,
     facts: RequestFacts,
     payload: Payload,
 ) -> Instrumented<impl Future<Output = Start>> {
     let span = keyed_request_span(facts.method.as_str(), &facts.path);
-    decide(config, policy, store_name, facts, payload).instrument(span)
+    decide(config, point, facts, payload).instrument(span)
 }
 
 /// [`start`], inside the request's span.
 async fn decide(
     config: Arc<Config>,
-    policy: KeyedPolicy,
-    store_name: Option<Arc<str>>,
+    point: SettlePoint,
     mut facts: RequestFacts,
     payload: Payload,
 ) -> Start {
+    let SettlePoint {
+        policy,
+        store: store_name,
+        scope_latch,
+    } = point;
     let header = || config.header.as_str().to_owned();
     let key = match std::mem::replace(&mut facts.key, Ok(None)) {
         Ok(Some(key)) => key,
@@ -103,22 +122,28 @@ async fn decide(
                 manual: None,
             }
         }
-        Ok(None) => return refuse(IdempotencyError::MissingKey { header: header() }),
+        Ok(None) => return refuse(&config, IdempotencyError::MissingKey { header: header() }),
         Err(invalid) => {
-            return refuse(IdempotencyError::InvalidKey {
-                header: header(),
-                reason: invalid,
-            })
+            return refuse(
+                &config,
+                IdempotencyError::InvalidKey {
+                    header: header(),
+                    reason: invalid,
+                },
+            )
         }
     };
     let store_name = store_name.as_deref();
     let Some(store) = config.store(store_name).cloned() else {
         tracing::error!("idempotency: no store is registered under the name {store_name:?}");
-        return refuse(IdempotencyError::Misconfigured("unknown store name"));
+        return refuse(
+            &config,
+            IdempotencyError::Misconfigured("unknown store name"),
+        );
     };
     let body = match read_body(&config, facts.content_length, payload).await {
         Ok(body) => body,
-        Err(error) => return refuse(error),
+        Err(error) => return refuse(&config, error),
     };
     let operation = Operation {
         fingerprint: request_fingerprint(&config, &facts, &body),
@@ -131,6 +156,10 @@ async fn decide(
         body,
         store,
         manual: policy == KeyedPolicy::Manual,
+        scope: ScopeAtSettling {
+            scope: facts.scope.take(),
+            latch: scope_latch,
+        },
     };
     record_key(&Span::current(), &operation.storage_key);
     operation.settle(&config).await
@@ -179,6 +208,7 @@ struct Operation {
     body: Bytes,
     store: Arc<dyn DynStore>,
     manual: bool,
+    scope: ScopeAtSettling,
 }
 
 impl Operation {
@@ -191,6 +221,11 @@ impl Operation {
         let token = ReservationToken::generate();
         let mut wait = FIRST_WAIT;
         loop {
+            // A duplicate that waited while its settle point learned that the caller scope
+            // changes later on is refused like every request after it.
+            if self.scope.latch.load(Ordering::Relaxed) {
+                return refuse(config, IdempotencyError::Misconfigured(SCOPE_CHANGED_LATER));
+            }
             let unanswered =
                 UnansweredReservation::arm(&self.store, &self.storage_key, token, lease);
             let reservation = self
@@ -217,22 +252,25 @@ impl Operation {
                         Reservation::Acquired => return self.run_reserved(config, token),
                         Reservation::Completed(record) => return self.answer_from(&record, config),
                         Reservation::Unreadable { reason } => {
-                            return self.answer_unreadable(&reason)
+                            return self.answer_unreadable(config, &reason)
                         }
                     }
                 }
             };
             if in_flight_fingerprint != self.fingerprint && !self.manual {
-                return refuse(IdempotencyError::PayloadMismatch);
+                return refuse(config, IdempotencyError::PayloadMismatch);
             }
             let now = Instant::now();
             let give_up_at = *give_up_at.get_or_insert_with(|| deadline_after(config.lock_wait));
             let left = give_up_at.map_or(wait, |at| at.saturating_duration_since(now));
             if left.is_zero() {
-                return refuse(IdempotencyError::InFlight {
-                    status: config.in_flight_status,
-                    retry_after: RETRY_AFTER,
-                });
+                return refuse(
+                    config,
+                    IdempotencyError::InFlight {
+                        status: config.in_flight_status,
+                        retry_after: RETRY_AFTER,
+                    },
+                );
             }
             // A store that wakes waiters is asked again when its bound or the owner's lease
             // runs out (an owner that died wakes nobody); any other store is polled.
@@ -258,6 +296,7 @@ impl Operation {
             self.storage_key,
             token,
             self.fingerprint,
+            self.scope,
         );
         Start::Proceed {
             payload: Payload::from(self.body),
@@ -280,18 +319,18 @@ impl Operation {
             };
         }
         match (&record.response, matches) {
-            (_, false) => refuse(IdempotencyError::PayloadMismatch),
+            (_, false) => refuse(config, IdempotencyError::PayloadMismatch),
             (Some(stored), true) => {
                 decided(Outcome::Replayed);
                 Start::Respond(replay_response(stored, config.replay_status))
             }
-            (None, true) => refuse(IdempotencyError::ResponseNotReplayable),
+            (None, true) => refuse(config, IdempotencyError::ResponseNotReplayable),
         }
     }
 
     /// The key holds a record nobody here can read. The operation may have run, so it does not
     /// run again; a manual handler is told the key exists and decides.
-    fn answer_unreadable(self, reason: &str) -> Start {
+    fn answer_unreadable(self, config: &Config, reason: &str) -> Start {
         tracing::error!(
             "idempotency: a key's record cannot be read ({reason}); answering 409 \
              record-unreadable until it expires"
@@ -306,7 +345,7 @@ impl Operation {
                 }),
             };
         }
-        refuse(IdempotencyError::RecordUnreadable)
+        refuse(config, IdempotencyError::RecordUnreadable)
     }
 
     fn store_unavailable(self, config: &Config, error: &StoreError) -> Start {
@@ -318,7 +357,7 @@ impl Operation {
             _ => config.store_outage,
         };
         match outage {
-            StoreOutage::FailClosed => refuse(IdempotencyError::StoreUnavailable),
+            StoreOutage::FailClosed => refuse(config, IdempotencyError::StoreUnavailable),
             StoreOutage::FailOpen => {
                 decided(Outcome::Unprotected);
                 tracing::warn!("idempotency: running the handler unprotected (fail-open)");
@@ -407,6 +446,7 @@ pub(crate) struct PendingRecord {
     renewal: Renewals,
     settled: bool,
     replayable: bool,
+    scope: ScopeAtSettling,
     active: Rc<ActiveReservation>,
     /// The request's span, for what is logged while settling.
     span: Span,
@@ -419,6 +459,7 @@ impl PendingRecord {
         key: String,
         token: ReservationToken,
         fingerprint: Fingerprint,
+        scope: ScopeAtSettling,
     ) -> Self {
         let renewal = Renewals::start(
             Arc::clone(&store),
@@ -438,6 +479,7 @@ impl PendingRecord {
             renewal,
             settled: false,
             replayable: true,
+            scope,
         }
     }
 
@@ -461,10 +503,9 @@ impl PendingRecord {
         Rc::clone(&self.active)
     }
 
-    /// Marks the operation as done but not replayable, whatever its response: it ran under a
-    /// key space that may not be its caller's, so its response must never be replayed.
-    pub(crate) fn forbid_replay(&mut self) {
-        self.replayable = false;
+    /// Frees the key without running anything: a route reached later settles it itself.
+    pub(crate) async fn abandon(mut self) {
+        self.release().await;
     }
 
     /// Settles the key with the handler's result: a storable response is stored (a streamed
@@ -487,6 +528,13 @@ impl PendingRecord {
     where
         B: MessageBody + 'static,
     {
+        if let Ok(response) = &result {
+            if self.scope.changed_for(&self.config, response.request()) {
+                // It ran, under a key space that may be shared with other callers: its response
+                // must never be replayed to anyone.
+                self.replayable = false;
+            }
+        }
         let response = match result {
             Ok(response) if self.config.is_storable(response.status()) => response,
             other => {
@@ -498,9 +546,8 @@ impl PendingRecord {
             // An event stream is a live feed, not a result: the operation is done, but there
             // is nothing to replay.
             if let Err(refusal) = self.complete(|| None).await {
-                return Ok(response
-                    .into_response(refusal.error_response())
-                    .map_into_right_body());
+                let refusal = refusal.to_response(&self.config.problem_base);
+                return Ok(response.into_response(refusal).map_into_right_body());
             }
             return Ok(response.map_into_left_body());
         }
@@ -519,7 +566,7 @@ impl PendingRecord {
                     })
                 };
                 if let Err(refusal) = self.complete(stored).await {
-                    return Ok(refused(request, &refusal));
+                    return Ok(refused(request, &refusal, &self.config));
                 }
                 BoxBody::new(bytes)
             }
@@ -528,7 +575,7 @@ impl PendingRecord {
                 // the record cannot wait for the stream's end: the operation is recorded as
                 // done, without a replayable response.
                 if let Err(refusal) = self.complete(|| None).await {
-                    return Ok(refused(request, &refusal));
+                    return Ok(refused(request, &refusal, &self.config));
                 }
                 BoxBody::new(stream)
             }
@@ -705,8 +752,40 @@ fn decided(outcome: Outcome) {
 fn refused<B>(
     request: actix_web::HttpRequest,
     refusal: &IdempotencyError,
+    config: &Config,
 ) -> ServiceResponse<EitherBody<B>> {
-    ServiceResponse::new(request, refusal.error_response()).map_into_right_body()
+    ServiceResponse::new(request, refusal.to_response(&config.problem_base)).map_into_right_body()
+}
+
+/// The caller scope a key was settled under, checked again when the handler's response comes
+/// back: by then every middleware on the route has run.
+#[derive(Debug)]
+pub(crate) struct ScopeAtSettling {
+    scope: Option<String>,
+    latch: Arc<AtomicBool>,
+}
+
+impl ScopeAtSettling {
+    /// Whether the caller scope of `request`, as the handler saw it, differs from the one the
+    /// key was settled under. If so, the settle point that made it refuses keyed requests from
+    /// now on, and says why.
+    fn changed_for(&self, config: &Config, request: &actix_web::HttpRequest) -> bool {
+        if config.scope.scope(request) == self.scope {
+            return false;
+        }
+        if !self.latch.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "idempotency: the caller scope of {} {} changed after its key was settled: an \
+                 authentication middleware runs further in than the idempotency middleware (or \
+                 the route's policy). Keyed requests settled there are refused (500 \
+                 misconfigured) from now on. Register IdempotencyMiddleware first, inside the \
+                 authentication (on its scope), or mark the route #[idempotent]",
+                request.method(),
+                request.match_pattern().as_deref().unwrap_or("(unmatched)")
+            );
+        }
+        true
+    }
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {

@@ -152,7 +152,6 @@ mod admin;
 mod body;
 mod config;
 mod context;
-mod deferred;
 mod encoder;
 mod error;
 mod fingerprint;
@@ -170,6 +169,7 @@ mod replay;
 mod scope;
 mod startup;
 pub mod storage;
+mod unclaimed;
 mod upkeep;
 
 pub use admin::{IdempotencyAdmin, KeyTarget};

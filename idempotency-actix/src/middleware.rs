@@ -20,9 +20,9 @@ use futures_util::{
 
 use crate::{
     config::{Config, Mode},
-    context::{is_safe, Decision, RequestFacts, RouteSlot},
-    deferred::{self, deferred_default},
-    flow, IdempotencyMiddlewareBuilder, IdempotencyStore, MemoryStore,
+    context::{is_safe, RequestFacts, RouteSlot},
+    flow::{self, PendingRecord},
+    unclaimed, IdempotencyMiddlewareBuilder, IdempotencyStore, MemoryStore,
 };
 
 /// The idempotency middleware, registered once on the app with [`App::wrap`](actix_web::App::wrap).
@@ -206,10 +206,18 @@ where
             return untouched;
         };
         Either::Right(Either::Right(Box::pin(async move {
-            untouched.await.map(|mut response| {
-                started.stamp(response.headers_mut());
-                response
-            })
+            match untouched.await {
+                Ok(mut response) => {
+                    started.stamp(response.headers_mut());
+                    Ok(response)
+                }
+                Err(error) => {
+                    if let Some(answered) = error.as_error::<unclaimed::Answered>() {
+                        answered.edit_headers(|headers| started.stamp(headers));
+                    }
+                    Err(error)
+                }
+            }
         })))
     }
 }
@@ -219,38 +227,45 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
     B: MessageBody + 'static,
 {
-    /// Leaves a slot for the route's policy and, in enforce mode, swaps the body for the
-    /// deferred default; nothing is settled here, before the route's own middleware ran.
+    /// Routes the request with a slot for its route's policy; in enforce mode, a request that
+    /// no policy claimed while routing ran is settled by the default before anything is polled.
     fn route(&self, mut req: ServiceRequest) -> <Self as Service<ServiceRequest>>::Future {
         let pass_through: MapIntoLeft<B> = ServiceResponse::map_into_left_body;
         if is_safe(req.method()) {
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
-        let outer = match take_over_from_outer(&req) {
-            Some(outer) => outer,
-            None => return Either::Left(self.service.call(req).map_ok(pass_through)),
-        };
+        let outer = take_over_from_outer(&mut req);
         let slot = Rc::new(RouteSlot::new(Arc::clone(&self.config)));
         req.extensions_mut().insert(Rc::clone(&slot));
         if self.config.mode == Mode::OptIn {
-            return Either::Left(self.service.call(req).map_ok(pass_through));
+            slot.detached.set(outer.detached);
+            let routed = self.service.call(req);
+            return match outer.superseded {
+                None => Either::Left(routed.map_ok(pass_through)),
+                Some(superseded) => Either::Right(Either::Right(Box::pin(async move {
+                    superseded.abandon().await;
+                    routed.await.map(pass_through)
+                }))),
+            };
         }
         let facts = RequestFacts::capture(&req, &self.config);
         let keyed = matches!(facts.key, Ok(Some(_)));
-        *slot.facts.borrow_mut() = Some(facts);
-        *slot.held_payload.borrow_mut() = Some(req.take_payload());
-        req.set_payload(deferred_default(Rc::clone(&slot)));
+        slot.hold(req.take_payload());
+        req.set_payload(slot.stand_in());
         // A keyed request's handler runs in a task of its own (unless an outer registration
         // already runs it in one): a client that goes away does not cancel it half-way, and
         // its retry gets the replay.
-        let detach = keyed && outer != Outer::Detached;
-        slot.detached.set(keyed);
+        slot.detached.set(keyed || outer.detached);
+        // Routing runs now, synchronously: a route that declares a policy claims the slot.
         let routed = self.service.call(req);
+        let superseded = outer.superseded;
         let settle = async move {
-            let result = deferred::renewing(&slot, routed).await;
-            deferred::apply(&slot, result).await
+            if let Some(superseded) = superseded {
+                superseded.abandon().await;
+            }
+            unclaimed::settle(slot, facts, routed).await
         };
-        if detach {
+        if keyed && !outer.detached {
             Either::Right(Either::Left(flow::spawn_detached(settle)))
         } else {
             Either::Right(Either::Right(Box::pin(settle)))
@@ -258,34 +273,32 @@ where
     }
 }
 
-/// What an outer registration of the middleware left for this one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outer {
-    None,
-    /// An outer registration handed the request in; it already runs it in a task of its own.
-    Detached,
-    /// An outer registration handed the request in.
-    Attached,
+/// What a registration further out left for this one.
+struct Outer {
+    /// It already runs the request in a task of its own.
+    detached: bool,
+    /// Its default's reservation, made before this registration was reached.
+    superseded: Option<PendingRecord>,
 }
 
 /// With a second `IdempotencyMiddleware` registered further out (app and scope), the inner one
-/// acts: it runs after the middleware between the two, authentication included. The payload
-/// stays as it is (the outer stand-in, perhaps wrapped by the middleware between): once the
-/// outer slot is handed in, that stand-in streams the real body. Returns `None` when the outer
-/// registration already settled the key, and this one must stay out of the way.
-fn take_over_from_outer(req: &ServiceRequest) -> Option<Outer> {
+/// acts: it runs after the middleware between the two, authentication included. It claims the
+/// outer registration's slot as a route would, and takes back the body.
+fn take_over_from_outer(req: &mut ServiceRequest) -> Outer {
     let Some(outer) = req.extensions().get::<Rc<RouteSlot>>().cloned() else {
-        return Some(Outer::None);
+        return Outer {
+            detached: false,
+            superseded: None,
+        };
     };
-    if outer.decision.get() != Decision::Pending {
-        return None;
+    let claim = outer.claim();
+    if let Some(payload) = claim.payload {
+        req.set_payload(payload);
     }
-    outer.decision.set(Decision::HandedInward);
-    Some(if outer.detached.get() {
-        Outer::Detached
-    } else {
-        Outer::Attached
-    })
+    Outer {
+        detached: outer.detached.get(),
+        superseded: claim.superseded,
+    }
 }
 
 /// The Python fork's `TELEMETRY` headers.

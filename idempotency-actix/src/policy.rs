@@ -3,13 +3,13 @@
 use std::{
     future::{ready, Ready},
     rc::Rc,
-    sync::Arc,
+    sync::{atomic::AtomicBool, Arc},
 };
 
 use actix_web::{
     body::{EitherBody, MessageBody},
     dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
-    Error, HttpMessage, ResponseError,
+    Error, HttpMessage,
 };
 use futures_util::{
     future::{Either, LocalBoxFuture, MapOk},
@@ -18,9 +18,9 @@ use futures_util::{
 
 use crate::{
     config::is_store_name_registered,
-    context::{is_safe, Decision, RequestFacts, RouteSlot},
-    flow::{self, KeyedPolicy, Start},
-    IdempotencyError, IdempotencyOutcome, ManualIdempotency,
+    context::{is_safe, RequestFacts, RouteSlot},
+    flow::{self, KeyedPolicy, SettlePoint, Start},
+    IdempotencyError, IdempotencyOutcome, ManualIdempotency, PROBLEM_TYPE_BASE,
 };
 
 /// What a route does with idempotency keys.
@@ -60,16 +60,23 @@ pub enum PolicyKind {
 /// # let _ = app;
 /// ```
 ///
-/// The policy settles the key when routing reaches it, after every middleware on the route has
-/// run (authentication on a scope included, whether it defers routing or not), so the caller
-/// scope sees what authentication inserted. It needs
-/// [`IdempotencyMiddleware`](crate::IdempotencyMiddleware) registered on the app (or an
-/// enclosing scope); without it, or if a middleware read the body before the policy was
-/// reached, it answers 500 (`misconfigured`) and logs why.
+/// **Where it settles.** A policy settles the key where it is registered: register it *first*
+/// on the route or resource (actix runs the first-registered middleware innermost), so that it
+/// runs after the route's other middleware, authentication included, and the caller scope sees
+/// who the caller is. The handler attributes always put it there. Registered outside a
+/// middleware that changes the caller scope, it notices when the first response comes back,
+/// does not store it, and refuses the route's keyed requests from then on (500
+/// `misconfigured`, with the fix in the log) rather than scope them wrongly.
+///
+/// It needs [`IdempotencyMiddleware`](crate::IdempotencyMiddleware) registered on the app (or
+/// an enclosing scope); without it, it answers 500 (`misconfigured`) and logs why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyPolicy {
     kind: PolicyKind,
     store: Option<Arc<str>>,
+    /// `false` for the claim the handler attributes put outermost on their route: it only tells
+    /// enforce mode that the route settles its key itself.
+    settles: bool,
 }
 
 impl IdempotencyPolicy {
@@ -95,7 +102,23 @@ impl IdempotencyPolicy {
 
     /// A policy of the given kind.
     pub fn new(kind: PolicyKind) -> Self {
-        Self { kind, store: None }
+        Self {
+            kind,
+            store: None,
+            settles: true,
+        }
+    }
+
+    /// What the handler attributes put outermost on their route, besides the policy they put
+    /// innermost: it is reached while routing runs, before any middleware of the route can
+    /// defer, and tells enforce mode that the route settles its key itself.
+    #[doc(hidden)]
+    pub fn route_claim() -> Self {
+        Self {
+            kind: PolicyKind::Exempt,
+            store: None,
+            settles: false,
+        }
     }
 
     /// Uses the store registered under `name` with
@@ -137,6 +160,7 @@ where
         ready(Ok(IdempotencyPolicyService {
             service: Rc::new(service),
             policy: self.clone(),
+            scope_latch: Arc::new(AtomicBool::new(false)),
         }))
     }
 }
@@ -149,6 +173,8 @@ type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBod
 pub struct IdempotencyPolicyService<S> {
     service: Rc<S>,
     policy: IdempotencyPolicy,
+    /// Set once the caller scope was seen changing after this policy settled a key.
+    scope_latch: Arc<AtomicBool>,
 }
 
 impl<S, B> Service<ServiceRequest> for IdempotencyPolicyService<S>
@@ -167,30 +193,62 @@ where
         if is_safe(req.method()) {
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
-        let slot = match claim(&req) {
-            Ok(slot) => slot,
-            Err(why) => return misconfigured(req, why),
+        let Some(slot) = req.extensions().get::<Rc<RouteSlot>>().cloned() else {
+            let why = not_registered(&req);
+            return misconfigured(req, PROBLEM_TYPE_BASE, why);
         };
-        if let Some(payload) = slot.claim_for_route() {
+        let claim = slot.claim();
+        if let Some(payload) = claim.payload {
             req.set_payload(payload);
         }
-        let keyed = match self.policy.kind {
-            PolicyKind::Exempt => return Either::Left(self.service.call(req).map_ok(pass_through)),
-            PolicyKind::Required => KeyedPolicy::Required,
-            PolicyKind::Optional => KeyedPolicy::Optional,
-            PolicyKind::Manual => KeyedPolicy::Manual,
+        let keyed = match (self.policy.settles, self.policy.kind) {
+            (false, _) | (true, PolicyKind::Exempt) => {
+                return match claim.superseded {
+                    None => Either::Left(self.service.call(req).map_ok(pass_through)),
+                    Some(superseded) => {
+                        let service = Rc::clone(&self.service);
+                        Either::Right(Box::pin(async move {
+                            superseded.abandon().await;
+                            service.call(req).await.map(pass_through)
+                        }))
+                    }
+                };
+            }
+            (true, PolicyKind::Required) => KeyedPolicy::Required,
+            (true, PolicyKind::Optional) => KeyedPolicy::Optional,
+            (true, PolicyKind::Manual) => KeyedPolicy::Manual,
         };
+        if !slot.apply_policy() {
+            tracing::error!(
+                "idempotency: {} {} carries two idempotency policies (on a scope or resource and \
+                 on the route); keep one",
+                req.method(),
+                req.match_pattern().as_deref().unwrap_or("(unmatched)")
+            );
+            return misconfigured(
+                req,
+                &slot.config.problem_base,
+                "two idempotency policies apply to this route",
+            );
+        }
         let config = Arc::clone(&slot.config);
-        // Captured here, after every middleware on the route ran: the caller scope sees what
-        // authentication put in the request.
+        // Captured here, where the policy sits: for the attributes, after every middleware on
+        // the route, so the caller scope sees what authentication put in the request.
         let facts = RequestFacts::capture(&req, &config);
         let has_key = matches!(facts.key, Ok(Some(_)));
         let detached = slot.detached.get();
         let service = Rc::clone(&self.service);
-        let store = self.policy.store.clone();
+        let point = SettlePoint {
+            policy: keyed,
+            store: self.policy.store.clone(),
+            scope_latch: Arc::clone(&self.scope_latch),
+        };
         Either::Right(Box::pin(async move {
+            if let Some(superseded) = claim.superseded {
+                superseded.abandon().await;
+            }
             let payload = req.take_payload();
-            match flow::start(config, keyed, store, facts, payload).await {
+            match flow::start(config, point, facts, payload).await {
                 Start::Respond(response) => Ok(req.into_response(response).map_into_right_body()),
                 Start::Proceed {
                     payload,
@@ -216,48 +274,25 @@ where
     }
 }
 
-/// Claims the request's slot for this route, or says (and logs) why the setup is wrong.
-fn claim(req: &ServiceRequest) -> Result<Rc<RouteSlot>, &'static str> {
-    let slot = req.extensions().get::<Rc<RouteSlot>>().cloned();
-    match slot {
-        Some(slot) if slot.decision.get() == Decision::Pending => Ok(slot),
-        Some(slot) if slot.decision.get() == Decision::ClaimedByRoute => {
-            tracing::error!(
-                "idempotency: {} {} carries two idempotency policies (on a scope or resource and \
-                 on the route); keep one",
-                req.method(),
-                req.path()
-            );
-            Err("two idempotency policies apply to this route")
-        }
-        Some(_) => {
-            tracing::error!(
-                "idempotency: the route policy of {} {} was reached after something read the \
-                 request body (a middleware between IdempotencyMiddleware and the route), so \
-                 the key was already settled by the default. Read the body after the route's \
-                 policy, or register IdempotencyMiddleware inside that middleware.",
-                req.method(),
-                req.path()
-            );
-            Err("a middleware read the request body before this route's idempotency policy")
-        }
-        None => {
-            tracing::error!(
-                "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
-                 registered on the app (App::wrap)",
-                req.method(),
-                req.path()
-            );
-            Err("IdempotencyMiddleware is not registered on the app")
-        }
-    }
+fn not_registered(req: &ServiceRequest) -> &'static str {
+    tracing::error!(
+        "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
+         registered on the app (App::wrap)",
+        req.method(),
+        req.match_pattern().as_deref().unwrap_or("(unmatched)")
+    );
+    "IdempotencyMiddleware is not registered on the app"
 }
 
-fn misconfigured<L, B>(req: ServiceRequest, why: &'static str) -> Either<L, BoxedResponse<B>>
+fn misconfigured<L, B>(
+    req: ServiceRequest,
+    base: &str,
+    why: &'static str,
+) -> Either<L, BoxedResponse<B>>
 where
     B: 'static,
 {
-    let response = IdempotencyError::Misconfigured(why).error_response();
+    let response = IdempotencyError::Misconfigured(why).to_response(base);
     Either::Right(Box::pin(ready(Ok(req
         .into_response(response)
         .map_into_right_body()))))

@@ -131,17 +131,50 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
             ));
         }
     }
-    let policy = LitStr::new(
-        &policy_expression(marker, &args),
-        list.delimiter.span().join(),
-    );
-    let tokens = &list.tokens;
-    let separator = match tokens.clone().into_iter().last() {
-        Some(proc_macro2::TokenTree::Punct(punct)) if punct.as_char() == ',' => quote! {},
-        _ => quote! { , },
+    let span = list.delimiter.span().join();
+    let policy = LitStr::new(&policy_expression(marker, &args), span);
+    list.tokens = match marker {
+        // Nothing to settle: the exempt policy only has to be reached while routing runs, so
+        // it goes outermost.
+        Marker::Exempt => with_wraps(&list.tokens, None, Some(&policy)),
+        // The policy innermost, after every other middleware of the route, so that the key is
+        // settled once authentication ran; the claim outermost, so that enforce mode learns
+        // during routing that the route settles its key itself.
+        Marker::Idempotent | Marker::Manual => {
+            let claim = LitStr::new(
+                "::idempotency_actix::__private::IdempotencyPolicy::route_claim()",
+                span,
+            );
+            with_wraps(&list.tokens, Some(&policy), Some(&claim))
+        }
     };
-    list.tokens = quote! { #tokens #separator wrap = #policy };
     Ok(function.into_token_stream())
+}
+
+/// The route attribute's arguments with `innermost` as the first `wrap` (right after the path)
+/// and `outermost` as the last one: actix-web applies them in order, the first innermost.
+fn with_wraps(
+    arguments: &TokenStream,
+    innermost: Option<&LitStr>,
+    outermost: Option<&LitStr>,
+) -> TokenStream {
+    let outermost = outermost.map(|wrap| quote! { wrap = #wrap });
+    let parsed = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(arguments.clone());
+    let Ok(parsed) = parsed else {
+        // actix-web reports arguments it cannot read itself; add ours at the end.
+        let innermost = innermost.map(|wrap| quote! { , wrap = #wrap });
+        return quote! { #arguments #innermost , #outermost };
+    };
+    let mut arguments = parsed.into_iter();
+    let path = arguments.next();
+    let innermost = innermost.map(|wrap| quote! { wrap = #wrap });
+    let items = path
+        .map(|path| quote! { #path })
+        .into_iter()
+        .chain(innermost)
+        .chain(arguments.map(|argument| quote! { #argument }))
+        .chain(outermost);
+    quote! { #(#items),* }
 }
 
 /// The methods that the middleware passes through untouched: a key on them is never read.
