@@ -340,6 +340,11 @@ pub async fn post_keyed(
         .send()
         .await
         .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    received(response).await
+}
+
+/// What a client received over a real connection.
+pub async fn received(response: reqwest::Response) -> Received {
     let status = actix_web::http::StatusCode::from_u16(response.status().as_u16())
         .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = actix_web::http::header::HeaderMap::new();

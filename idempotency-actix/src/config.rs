@@ -1,18 +1,13 @@
 //! The middleware's builder and its resolved configuration.
 
-use std::{
-    collections::HashMap,
-    sync::{atomic::AtomicBool, Arc},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use actix_web::http::{header::HeaderName, StatusCode};
-use parking_lot::Mutex;
 
 use crate::{
-    key::normalise_header_name, storage::DynStore, AuthorizationScope, BodyFingerprint,
-    CallerScope, ConfigError, DefaultKeyEncoder, Fingerprinter, IdempotencyMiddleware,
-    IdempotencyStore, KeyEncoder,
+    key::normalise_header_name, scope_check::ScopeLatches, storage::DynStore, AuthorizationScope,
+    BodyFingerprint, CallerScope, ConfigError, DefaultKeyEncoder, Fingerprinter,
+    IdempotencyMiddleware, IdempotencyStore, KeyEncoder,
 };
 
 /// Which requests need a key when their handler carries no attribute.
@@ -96,10 +91,10 @@ pub(crate) struct Config {
     pub(crate) store_outage: StoreOutage,
     pub(crate) query_in_fingerprint: bool,
     pub(crate) replay_set_cookie: bool,
-    /// Set once the enforce-mode default found that the caller scope changed after it settled a
-    /// key (an authentication middleware runs further in): from then on the default refuses
-    /// keyed requests instead of scoping them wrongly.
-    pub(crate) default_scope_latch: Arc<AtomicBool>,
+    /// The routes on which the enforce-mode default saw the caller scope change after it
+    /// settled a key (an authentication middleware runs further in): it refuses their keyed
+    /// requests instead of scoping them wrongly.
+    pub(crate) default_latches: Arc<ScopeLatches>,
     /// The base of the problem `type` URIs this middleware answers with.
     pub(crate) problem_base: Arc<str>,
 }
@@ -136,17 +131,6 @@ impl Config {
             Some(name) => self.named_stores.get(name),
         }
     }
-}
-
-/// Names registered by any built middleware in this process. Route attributes naming a store
-/// check it when the app starts, so a typo fails at start-up instead of on the first request.
-static REGISTERED_STORE_NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-pub(crate) fn is_store_name_registered(name: &str) -> bool {
-    REGISTERED_STORE_NAMES
-        .lock()
-        .iter()
-        .any(|known| known == name)
 }
 
 /// Configures an [`IdempotencyMiddleware`]; start from [`IdempotencyMiddleware::builder`].
@@ -337,8 +321,10 @@ impl IdempotencyMiddlewareBuilder {
     }
 
     /// The base of the `type` URI of every problem+json answer (the slug follows it), to point
-    /// clients at the service's own documentation of these errors. It applies to this
-    /// middleware's answers and to those of the extractors on its routes.
+    /// clients at the service's own documentation of these errors. It applies to the answers
+    /// of this middleware and of the route policies under it; the extractors' own errors
+    /// ([`IdempotencyOutcome`](crate::IdempotencyOutcome) and friends used on a route without
+    /// a policy) keep [`PROBLEM_TYPE_BASE`](crate::PROBLEM_TYPE_BASE).
     ///
     /// Defaults to [`PROBLEM_TYPE_BASE`](crate::PROBLEM_TYPE_BASE), this crate's `problems`
     /// documentation page.
@@ -354,8 +340,8 @@ impl IdempotencyMiddlewareBuilder {
     }
 
     /// Registers another store under `name`, for handlers marked
-    /// `#[idempotent(store = "name")]`. Route attributes naming an unregistered store make the
-    /// app fail at start-up.
+    /// `#[idempotent(store = "name")]`. A route inside this middleware naming a store it does
+    /// not register makes the app fail at start-up.
     ///
     /// Defaults to none.
     pub fn named_store(mut self, name: impl Into<String>, store: impl IdempotencyStore) -> Self {
@@ -439,14 +425,6 @@ impl IdempotencyMiddlewareBuilder {
                 return Err(ConfigError::DuplicateStoreName(name));
             }
         }
-        {
-            let mut registered = REGISTERED_STORE_NAMES.lock();
-            for name in named_stores.keys() {
-                if !registered.contains(name) {
-                    registered.push(name.clone());
-                }
-            }
-        }
         let config = Config {
             mode: self.mode,
             header,
@@ -471,7 +449,7 @@ impl IdempotencyMiddlewareBuilder {
             store_outage: self.store_outage,
             query_in_fingerprint: self.query_in_fingerprint,
             replay_set_cookie: self.replay_set_cookie,
-            default_scope_latch: Arc::new(AtomicBool::new(false)),
+            default_latches: Arc::default(),
             problem_base: Arc::from(
                 self.problem_type_base
                     .as_deref()

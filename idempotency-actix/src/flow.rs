@@ -4,10 +4,7 @@ use std::{
     future::Future,
     pin::Pin,
     rc::Rc,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
@@ -31,6 +28,7 @@ use crate::{
     manual::{ManualIdempotency, PriorResponse},
     observe::{keyed_request_span, record_key, record_outcome, Outcome},
     replay::{replay_response, replayable_headers},
+    scope_check::{ScopeAtSettling, ScopeLatches, SCOPE_CHANGED_LATER},
     storage::{
         CompletedRecord, Completion, DynStore, Reservation, ReservationToken, StoredResponse,
     },
@@ -56,20 +54,21 @@ pub(crate) enum KeyedPolicy {
     Manual,
 }
 
-/// Where a key is being settled: the route's policy, its store, and the latch that stops this
-/// settle point once the caller scope was seen changing after it.
+/// Where a key is being settled: the route's policy, its store, and the routes on which this
+/// settle point saw the caller scope change after it.
 #[derive(Debug, Clone)]
 pub(crate) struct SettlePoint {
     pub(crate) policy: KeyedPolicy,
     pub(crate) store: Option<Arc<str>>,
-    pub(crate) scope_latch: Arc<AtomicBool>,
+    pub(crate) latches: Arc<ScopeLatches>,
+    /// The route whose latch to check ([`ScopeLatches::route_to_check`]).
+    pub(crate) route: Option<String>,
 }
 
-/// Why a settle point refuses keyed requests once its latch is set.
-const SCOPE_CHANGED_LATER: &str = "the caller scope changes after this request's key is settled \
-     (authentication runs further in than the idempotency middleware or policy)";
-
 /// The outcome of [`start`].
+// Returned once per request and matched at once: boxing the common variant would cost an
+// allocation on every fresh request to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Start {
     /// Answer with this response; the handler does not run.
     Respond(HttpResponse),
@@ -110,7 +109,8 @@ async fn decide(
     let SettlePoint {
         policy,
         store: store_name,
-        scope_latch,
+        latches,
+        route,
     } = point;
     let header = || config.header.as_str().to_owned();
     let key = match std::mem::replace(&mut facts.key, Ok(None)) {
@@ -156,10 +156,7 @@ async fn decide(
         body,
         store,
         manual: policy == KeyedPolicy::Manual,
-        scope: ScopeAtSettling {
-            scope: facts.scope.take(),
-            latch: scope_latch,
-        },
+        scope: ScopeAtSettling::new(facts.scope.take(), latches, route),
     };
     record_key(&Span::current(), &operation.storage_key);
     operation.settle(&config).await
@@ -223,7 +220,7 @@ impl Operation {
         loop {
             // A duplicate that waited while its settle point learned that the caller scope
             // changes later on is refused like every request after it.
-            if self.scope.latch.load(Ordering::Relaxed) {
+            if self.scope.is_latched() {
                 return refuse(config, IdempotencyError::Misconfigured(SCOPE_CHANGED_LATER));
             }
             let unanswered =
@@ -755,37 +752,6 @@ fn refused<B>(
     config: &Config,
 ) -> ServiceResponse<EitherBody<B>> {
     ServiceResponse::new(request, refusal.to_response(&config.problem_base)).map_into_right_body()
-}
-
-/// The caller scope a key was settled under, checked again when the handler's response comes
-/// back: by then every middleware on the route has run.
-#[derive(Debug)]
-pub(crate) struct ScopeAtSettling {
-    scope: Option<String>,
-    latch: Arc<AtomicBool>,
-}
-
-impl ScopeAtSettling {
-    /// Whether the caller scope of `request`, as the handler saw it, differs from the one the
-    /// key was settled under. If so, the settle point that made it refuses keyed requests from
-    /// now on, and says why.
-    fn changed_for(&self, config: &Config, request: &actix_web::HttpRequest) -> bool {
-        if config.scope.scope(request) == self.scope {
-            return false;
-        }
-        if !self.latch.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                "idempotency: the caller scope of {} {} changed after its key was settled: an \
-                 authentication middleware runs further in than the idempotency middleware (or \
-                 the route's policy). Keyed requests settled there are refused (500 \
-                 misconfigured) from now on. Register IdempotencyMiddleware first, inside the \
-                 authentication (on its scope), or mark the route #[idempotent]",
-                request.method(),
-                request.match_pattern().as_deref().unwrap_or("(unmatched)")
-            );
-        }
-        true
-    }
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {

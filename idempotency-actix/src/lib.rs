@@ -137,11 +137,15 @@
 //!
 //! # When keys are settled
 //!
-//! After every middleware on the route has run, authentication included: a route's policy
-//! settles the key when routing reaches it; in [`Mode::Enforce`], a route without a policy is
-//! settled when its handler first reads the body. A handler without a policy that reads no body
-//! is therefore not protected (the log names it once): mark it `#[idempotent]`. Every answer is
-//! an ordinary response that outer middleware (`Logger`, `DefaultHeaders`, CORS) sees.
+//! A route with a policy (every attribute) settles its key innermost on the route, after every
+//! middleware on it, authentication included, in whatever order the `wrap`s are registered; its
+//! answers are ordinary responses that outer middleware (`Logger`, `DefaultHeaders`, CORS) see.
+//!
+//! In [`Mode::Enforce`], a route without a policy is settled by [`IdempotencyMiddleware`] right
+//! after routing, before its handler runs, whatever the handler reads: register the middleware
+//! first on the app, and first on every scope whose middleware authenticates. If the caller
+//! scope changes after a key was settled, that response is not stored and the route's keyed
+//! requests are refused (500 `misconfigured`) from then on: never another caller's response.
 
 #![forbid(unsafe_code)]
 // `doc_cfg` (not `doc_auto_cfg`, which newer nightlies removed): each feature-gated item says
@@ -167,6 +171,7 @@ mod policy;
 pub mod problems;
 mod replay;
 mod scope;
+mod scope_check;
 mod startup;
 pub mod storage;
 mod unclaimed;

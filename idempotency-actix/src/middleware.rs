@@ -36,11 +36,12 @@ use crate::{
 /// then, because it is one store per process.)
 ///
 /// **Ordering.** Register it *before* any other `wrap` (actix runs the first-registered
-/// middleware innermost). Keys are settled after every middleware on the route has run: by the
-/// route's policy, or, for routes without one in enforce mode, when the handler reads its body.
-/// With authentication on a `web::scope` and routes without a policy, register it on that scope
-/// too, inside the authentication; the innermost registration acts. See
-/// [`IdempotencyPolicy`](crate::IdempotencyPolicy).
+/// middleware innermost). Routes with a policy settle their key innermost on the route, after
+/// every middleware on it. In enforce mode, a route without a policy is settled right after
+/// routing, before its handler runs, where this middleware sits: with authentication on a
+/// `web::scope`, register it on that scope too, first (the innermost registration acts). Its
+/// refusals and replays for such routes are the routed request's error, which middleware
+/// registered outside it pass on. See [`IdempotencyPolicy`](crate::IdempotencyPolicy).
 ///
 /// ```no_run
 /// use actix_web::{middleware::Logger, post, web, App, HttpResponse, HttpServer};
@@ -139,8 +140,11 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        if let Err(why) = refuse_per_worker_stores(&self.config) {
-            crate::startup::refuse_start(why.to_owned());
+        let checked = refuse_per_worker_stores(&self.config)
+            .map_err(str::to_owned)
+            .and_then(|()| crate::startup::check_stores_asked_for(&self.config));
+        if let Err(why) = checked {
+            crate::startup::refuse_start(why);
             return ready(Err(()));
         }
         ready(Ok(InnerIdempotencyMiddleware {
@@ -250,6 +254,7 @@ where
         }
         let facts = RequestFacts::capture(&req, &self.config);
         let keyed = matches!(facts.key, Ok(Some(_)));
+        let route = self.config.default_latches.route_to_check(req.request());
         slot.hold(req.take_payload());
         req.set_payload(slot.stand_in());
         // A keyed request's handler runs in a task of its own (unless an outer registration
@@ -263,7 +268,7 @@ where
             if let Some(superseded) = superseded {
                 superseded.abandon().await;
             }
-            unclaimed::settle(slot, facts, routed).await
+            unclaimed::settle(slot, facts, route, routed).await
         };
         if keyed && !outer.detached {
             Either::Right(Either::Left(flow::spawn_detached(settle)))

@@ -3,7 +3,7 @@
 use std::{
     future::{ready, Ready},
     rc::Rc,
-    sync::{atomic::AtomicBool, Arc},
+    sync::Arc,
 };
 
 use actix_web::{
@@ -17,9 +17,9 @@ use futures_util::{
 };
 
 use crate::{
-    config::is_store_name_registered,
     context::{is_safe, RequestFacts, RouteSlot},
     flow::{self, KeyedPolicy, SettlePoint, Start},
+    scope_check::ScopeLatches,
     IdempotencyError, IdempotencyOutcome, ManualIdempotency, PROBLEM_TYPE_BASE,
 };
 
@@ -148,19 +148,13 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        if let Some(name) = self.store.as_deref() {
-            if !is_store_name_registered(name) {
-                crate::startup::refuse_start(format!(
-                    "a route uses the store `{name}`, but no IdempotencyMiddleware registers a \
-                     store under that name (see IdempotencyMiddlewareBuilder::named_store)"
-                ));
-                return ready(Err(()));
-            }
+        if let Some(name) = &self.store {
+            crate::startup::route_asks_for_store(Arc::clone(name));
         }
         ready(Ok(IdempotencyPolicyService {
             service: Rc::new(service),
             policy: self.clone(),
-            scope_latch: Arc::new(AtomicBool::new(false)),
+            latches: Arc::default(),
         }))
     }
 }
@@ -174,7 +168,7 @@ pub struct IdempotencyPolicyService<S> {
     service: Rc<S>,
     policy: IdempotencyPolicy,
     /// Set once the caller scope was seen changing after this policy settled a key.
-    scope_latch: Arc<AtomicBool>,
+    latches: Arc<ScopeLatches>,
 }
 
 impl<S, B> Service<ServiceRequest> for IdempotencyPolicyService<S>
@@ -241,7 +235,8 @@ where
         let point = SettlePoint {
             policy: keyed,
             store: self.policy.store.clone(),
-            scope_latch: Arc::clone(&self.scope_latch),
+            latches: Arc::clone(&self.latches),
+            route: self.latches.route_to_check(req.request()),
         };
         Either::Right(Box::pin(async move {
             if let Some(superseded) = claim.superseded {

@@ -21,9 +21,10 @@ use sha2::{Digest, Sha256};
 ///
 /// The scope is computed where the key is settled: by a route's policy (`#[idempotent]` and
 /// friends) after every middleware on the route ran, so it sees what authentication inserted.
-/// For routes without a policy in enforce mode it is computed when the middleware is reached;
-/// if it turns out to change later on (authentication runs further in), those requests are
-/// refused (500, `misconfigured`) rather than scoped wrongly.
+/// For routes without a policy in enforce mode it is computed where the middleware sits, right
+/// after routing; if it turns out to change by the time the handler answers (authentication
+/// runs further in), the response is not stored and that route's keyed requests are refused
+/// (500, `misconfigured`) rather than scoped wrongly.
 ///
 /// ```
 /// use actix_web::{HttpMessage, HttpRequest};

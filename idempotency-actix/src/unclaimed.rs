@@ -33,6 +33,7 @@ use crate::{
 pub(crate) async fn settle<F, B>(
     slot: Rc<RouteSlot>,
     facts: RequestFacts,
+    route: Option<String>,
     routed: F,
 ) -> Result<ServiceResponse<EitherBody<B>>, Error>
 where
@@ -46,7 +47,8 @@ where
     let point = SettlePoint {
         policy: KeyedPolicy::Required,
         store: None,
-        scope_latch: Arc::clone(&config.default_scope_latch),
+        latches: Arc::clone(&config.default_latches),
+        route,
     };
     match flow::start(config, point, facts, slot.take_held()).await {
         Start::Respond(answer) => Err(Answered(RefCell::new(Some(answer))).into()),

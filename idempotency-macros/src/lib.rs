@@ -3,8 +3,10 @@
 //! Use them through `idempotency_actix`, which re-exports them; this crate is an
 //! implementation detail. Each attribute goes **above** an actix-web route attribute
 //! (`#[post(..)]`, `#[put(..)]`, `#[patch(..)]`, `#[delete(..)]`, `#[route(..)]`, ...) and adds
-//! the route's policy to it as a `wrap = ".."` argument, so the policy is known during routing,
-//! before the handler runs.
+//! the route's policy to it as its first `wrap = ".."` argument, which actix-web makes the
+//! innermost: the key is settled after every other middleware of the route, whatever order its
+//! own `wrap`s are in, and before the handler runs. A last `wrap`, outermost, tells enforce mode
+//! while routing runs that the route settles its key itself.
 //!
 //! Safe methods (GET, HEAD, OPTIONS, TRACE) never carry idempotency keys: the middleware passes
 //! them through. `#[idempotent]` and `#[idempotency_manual]` on a route whose methods are all
