@@ -26,7 +26,7 @@ pub async fn work(
 }
 
 /// `POST /plain-work`: [`work`] on a route without a policy, whose key the enforce-mode default
-/// settles when the handler reads its body.
+/// settles right after routing.
 pub async fn plain_work(
     runs: web::Data<Runs>,
     delay: web::Data<Delay>,

@@ -12,11 +12,12 @@ use actix_web::{
     dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
     http::StatusCode,
     middleware::{from_fn, Next},
-    test, web, App, Error, HttpMessage, HttpResponse,
+    post, test, web, App, Error, HttpMessage, HttpResponse,
 };
 use futures_util::future::{Either, LocalBoxFuture};
 use idempotency_actix::{
-    ExtensionScope, IdempotencyMiddleware, IdempotencyPolicy, MemoryStore, Mode,
+    idempotency_exempt, idempotency_manual, idempotent, ExtensionScope, IdempotencyMiddleware,
+    IdempotencyPolicy, ManualIdempotency, MemoryStore, Mode,
 };
 use idempotency_actix_workspace::{respond, Received, Runs};
 
@@ -367,4 +368,79 @@ async fn a_scope_seen_too_early_never_hands_a_response_to_another_caller() {
         );
     }
     assert_eq!(runs.count(), 1);
+}
+
+#[idempotent]
+#[post("/required")]
+async fn required_payment(user: web::ReqData<User>, runs: web::Data<Runs>) -> HttpResponse {
+    HttpResponse::Created().body(format!("payment {} for {}", runs.record(), user.0))
+}
+
+#[idempotent(optional)]
+#[post("/optional")]
+async fn optional_payment(runs: web::Data<Runs>) -> HttpResponse {
+    HttpResponse::Created().body(format!("payment {}", runs.record()))
+}
+
+#[idempotency_exempt]
+#[post("/exempt")]
+async fn exempt_hook(runs: web::Data<Runs>) -> HttpResponse {
+    HttpResponse::Ok().body(format!("hook {}", runs.record()))
+}
+
+#[idempotency_manual]
+#[post("/manual")]
+async fn manual_payment(manual: ManualIdempotency, runs: web::Data<Runs>) -> HttpResponse {
+    runs.record();
+    HttpResponse::Ok().body(format!("seen before: {}", manual.key_exists()))
+}
+
+/// The README's advice for a scope whose authentication defers: opt-in mode, routes marked.
+/// Every attribute keeps its meaning, and every key is settled after the authentication.
+#[actix_rt::test]
+async fn a_scope_whose_authentication_defers_keeps_every_attribute_in_opt_in_mode() {
+    let runs = Runs::default();
+    let app = test::init_service(
+        App::new()
+            .wrap(
+                IdempotencyMiddleware::builder(MemoryStore::builder().build())
+                    .mode(Mode::OptIn)
+                    .build()
+                    .unwrap_or_else(|e| panic!("config: {e}")),
+            )
+            .app_data(web::Data::new(runs.clone()))
+            .service(
+                web::scope("/api")
+                    .wrap(from_fn(authenticate))
+                    .service(required_payment)
+                    .service(optional_payment)
+                    .service(exempt_hook)
+                    .service(manual_payment),
+            ),
+    )
+    .await;
+    let keyless = |path: &str| {
+        test::TestRequest::post()
+            .uri(path)
+            .insert_header(("x-user", "alice"))
+            .to_request()
+    };
+    let first = respond(&app, keyed("/api/required", Some("alice"))).await;
+    let unauthenticated_retry = respond(&app, keyed("/api/required", None)).await;
+    let retry = respond(&app, keyed("/api/required", Some("alice"))).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(unauthenticated_retry.status, StatusCode::UNAUTHORIZED);
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+
+    let optional = respond(&app, keyless("/api/optional")).await;
+    let exempt = respond(&app, keyless("/api/exempt")).await;
+    assert_eq!(optional.status, StatusCode::CREATED, "{optional:?}");
+    assert_eq!(exempt.status, StatusCode::OK, "{exempt:?}");
+
+    let manual_first = respond(&app, keyed("/api/manual", Some("alice"))).await;
+    let manual_again = respond(&app, keyed("/api/manual", Some("alice"))).await;
+    assert_eq!(manual_first.body, "seen before: false");
+    assert_eq!(manual_again.body, "seen before: true");
+    assert_eq!(runs.count(), 5);
 }

@@ -51,7 +51,7 @@ async fn streamed_response(runs: web::Data<Runs>) -> HttpResponse {
     HttpResponse::Ok().streaming(futures_util::stream::iter(chunks))
 }
 
-/// No attribute: enforce mode requires a key (settled when the handler reads its body).
+/// No attribute: enforce mode requires a key (settled right after routing).
 #[post("/notes")]
 async fn create_note(runs: web::Data<Runs>, _note: web::Bytes) -> HttpResponse {
     HttpResponse::Created().body(format!("note {}", runs.record()))

@@ -1,8 +1,16 @@
 //! The middleware's builder and its resolved configuration.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use actix_web::http::{header::HeaderName, StatusCode};
+use parking_lot::Mutex;
 
 use crate::{
     key::normalise_header_name, scope_check::ScopeLatches, storage::DynStore, AuthorizationScope,
@@ -97,6 +105,9 @@ pub(crate) struct Config {
     pub(crate) default_latches: Arc<ScopeLatches>,
     /// The base of the problem `type` URIs this middleware answers with.
     pub(crate) problem_base: Arc<str>,
+    /// Whether the log already said that a middleware between this one and a route defers
+    /// routing (said once per middleware: it is a setup, not a request, that is wrong).
+    deferred_routing_reported: AtomicBool,
 }
 
 impl std::fmt::Debug for Config {
@@ -114,6 +125,27 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// Logs, once, that a route with a policy (or a registration of this middleware further in)
+    /// was reached after the enforce-mode default settled its request: a middleware between the
+    /// two defers routing, so the default answers such routes' requests without knowing their
+    /// policy (keyless requests to exempt or optional routes get 400, for instance).
+    pub(crate) fn report_deferred_routing(&self) {
+        if self.mode == Mode::Enforce
+            && !self.deferred_routing_reported.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "idempotency: a route with an idempotency policy was reached after \
+                 IdempotencyMiddleware settled its request as a route without one: a middleware \
+                 between them (from_fn, a session or authentication middleware, on the app \
+                 inside IdempotencyMiddleware or on a scope) defers routing. Requests to such \
+                 routes are answered by the enforce-mode default (400 without a key, even on \
+                 exempt routes). Register IdempotencyMiddleware inside that middleware (after \
+                 it on the app), or use opt-in mode (IdempotencyMiddleware::opt_in) and mark \
+                 the routes"
+            );
+        }
+    }
+
     pub(crate) fn is_storable(&self, status: StatusCode) -> bool {
         self.storable_statuses
             .binary_search(&status.as_u16())
@@ -131,6 +163,21 @@ impl Config {
             Some(name) => self.named_stores.get(name),
         }
     }
+}
+
+/// Names registered by any middleware built in this process: a route policy naming a store checks
+/// it when the app starts, so that a typo fails at start-up instead of on the first request.
+/// Bounded by the configuration (never by requests). It cannot be one middleware's own list:
+/// actix-web builds a route's policy without telling it which middleware it will run under.
+/// A name only another app registers passes here; that route then answers 500
+/// `misconfigured` (unknown store) and logs it.
+static REGISTERED_STORE_NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+pub(crate) fn is_store_name_registered(name: &str) -> bool {
+    REGISTERED_STORE_NAMES
+        .lock()
+        .iter()
+        .any(|known| known == name)
 }
 
 /// Configures an [`IdempotencyMiddleware`]; start from [`IdempotencyMiddleware::builder`].
@@ -340,8 +387,8 @@ impl IdempotencyMiddlewareBuilder {
     }
 
     /// Registers another store under `name`, for handlers marked
-    /// `#[idempotent(store = "name")]`. A route inside this middleware naming a store it does
-    /// not register makes the app fail at start-up.
+    /// `#[idempotent(store = "name")]`. A route naming a store that no middleware registers
+    /// makes the app fail at start-up.
     ///
     /// Defaults to none.
     pub fn named_store(mut self, name: impl Into<String>, store: impl IdempotencyStore) -> Self {
@@ -425,6 +472,14 @@ impl IdempotencyMiddlewareBuilder {
                 return Err(ConfigError::DuplicateStoreName(name));
             }
         }
+        {
+            let mut registered = REGISTERED_STORE_NAMES.lock();
+            for name in named_stores.keys() {
+                if !registered.contains(name) {
+                    registered.push(name.clone());
+                }
+            }
+        }
         let config = Config {
             mode: self.mode,
             header,
@@ -450,6 +505,7 @@ impl IdempotencyMiddlewareBuilder {
             query_in_fingerprint: self.query_in_fingerprint,
             replay_set_cookie: self.replay_set_cookie,
             default_latches: Arc::default(),
+            deferred_routing_reported: AtomicBool::new(false),
             problem_base: Arc::from(
                 self.problem_type_base
                     .as_deref()

@@ -82,15 +82,12 @@ impl RouteSlot {
 
     /// Declares that the route settles the key itself.
     pub(crate) fn claim(&self) -> Claim {
-        match self.settler.replace(Settler::Route) {
-            Settler::Route => Claim {
-                payload: None,
-                superseded: None,
-            },
-            Settler::Undecided | Settler::Default => Claim {
-                payload: self.held.borrow_mut().take(),
-                superseded: self.default_run.borrow_mut().take(),
-            },
+        if self.settler.replace(Settler::Route) == Settler::Default {
+            self.config.report_deferred_routing();
+        }
+        Claim {
+            payload: self.held.borrow_mut().take(),
+            superseded: self.default_run.borrow_mut().take(),
         }
     }
 

@@ -36,12 +36,13 @@ use crate::{
 /// then, because it is one store per process.)
 ///
 /// **Ordering.** Register it *before* any other `wrap` (actix runs the first-registered
-/// middleware innermost). Routes with a policy settle their key innermost on the route, after
-/// every middleware on it. In enforce mode, a route without a policy is settled right after
-/// routing, before its handler runs, where this middleware sits: with authentication on a
-/// `web::scope`, register it on that scope too, first (the innermost registration acts). Its
-/// refusals and replays for such routes are the routed request's error, which middleware
-/// registered outside it pass on. See [`IdempotencyPolicy`](crate::IdempotencyPolicy).
+/// middleware innermost), and the middleware that authenticates after it. Routes with a policy
+/// settle their key innermost on the route, after every middleware on it. In enforce mode, a
+/// route without a policy is settled right after routing, before its handler runs, where this
+/// middleware sits; its refusals and replays for such routes are the routed request's error,
+/// which middleware registered outside it pass on. A middleware that defers its call (`from_fn`,
+/// sessions) on a scope or inside this one hides the routes' policies from enforce mode: use
+/// [`opt_in`](Self::opt_in) there. See [`IdempotencyPolicy`](crate::IdempotencyPolicy).
 ///
 /// ```no_run
 /// use actix_web::{middleware::Logger, post, web, App, HttpResponse, HttpServer};
@@ -140,11 +141,8 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        let checked = refuse_per_worker_stores(&self.config)
-            .map_err(str::to_owned)
-            .and_then(|()| crate::startup::check_stores_asked_for(&self.config));
-        if let Err(why) = checked {
-            crate::startup::refuse_start(why);
+        if let Err(why) = refuse_per_worker_stores(&self.config) {
+            crate::startup::refuse_start(why.to_owned());
             return ready(Err(()));
         }
         ready(Ok(InnerIdempotencyMiddleware {

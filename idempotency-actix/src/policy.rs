@@ -17,6 +17,7 @@ use futures_util::{
 };
 
 use crate::{
+    config::is_store_name_registered,
     context::{is_safe, RequestFacts, RouteSlot},
     flow::{self, KeyedPolicy, SettlePoint, Start},
     scope_check::ScopeLatches,
@@ -148,8 +149,14 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        if let Some(name) = &self.store {
-            crate::startup::route_asks_for_store(Arc::clone(name));
+        if let Some(name) = self.store.as_deref() {
+            if !is_store_name_registered(name) {
+                crate::startup::refuse_start(format!(
+                    "a route uses the store `{name}`, but no IdempotencyMiddleware registers a \
+                     store under that name (see IdempotencyMiddlewareBuilder::named_store)"
+                ));
+                return ready(Err(()));
+            }
         }
         ready(Ok(IdempotencyPolicyService {
             service: Rc::new(service),

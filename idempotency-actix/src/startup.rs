@@ -5,41 +5,11 @@
 //! middleware keeps the reason of the refusal it made, and [`explain_startup_error`] puts it
 //! into the server's error.
 
-use std::{cell::RefCell, sync::Arc};
-
 use parking_lot::Mutex;
-
-use crate::config::Config;
 
 /// The reason of the last refusal, for [`explain_startup_error`]: one slot, since actix-server
 /// gives the refused worker's error nowhere else.
 static LAST_REFUSAL: Mutex<Option<String>> = Mutex::new(None);
-
-thread_local! {
-    /// Store names asked for by the route policies built on this thread since an
-    /// `IdempotencyMiddleware` was last built here. actix-web builds an app's routes before the
-    /// middleware wrapped around them, on the worker's thread, so the middleware finds here the
-    /// names its own routes ask for.
-    static STORES_ASKED_FOR: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Notes that a route policy being built uses the store `name`.
-pub(crate) fn route_asks_for_store(name: Arc<str>) {
-    STORES_ASKED_FOR.with(|asked| asked.borrow_mut().push(name));
-}
-
-/// Checks the store names the routes inside a middleware being built asked for against its
-/// configuration.
-pub(crate) fn check_stores_asked_for(config: &Config) -> Result<(), String> {
-    let asked = STORES_ASKED_FOR.with(|asked| std::mem::take(&mut *asked.borrow_mut()));
-    match asked.iter().find(|name| config.store(Some(name)).is_none()) {
-        None => Ok(()),
-        Some(name) => Err(format!(
-            "a route uses the store `{name}`, but its IdempotencyMiddleware registers no store \
-             under that name (see IdempotencyMiddlewareBuilder::named_store)"
-        )),
-    }
-}
 
 /// Logs why a worker may not start, and keeps the reason for [`explain_startup_error`].
 pub(crate) fn refuse_start(why: String) {

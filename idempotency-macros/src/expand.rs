@@ -138,17 +138,35 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
         // it goes outermost.
         Marker::Exempt => with_wraps(&list.tokens, None, Some(&policy)),
         // The policy innermost, after every other middleware of the route, so that the key is
-        // settled once authentication ran; the claim outermost, so that enforce mode learns
-        // during routing that the route settles its key itself.
+        // settled once authentication ran; with other middleware on the route (which may defer
+        // calling it), a claim outermost too, so that enforce mode learns during routing that
+        // the route settles its key itself.
         Marker::Idempotent | Marker::Manual => {
-            let claim = LitStr::new(
-                "::idempotency_actix::__private::IdempotencyPolicy::route_claim()",
-                span,
-            );
-            with_wraps(&list.tokens, Some(&policy), Some(&claim))
+            let claim = has_wraps(&list.tokens).then(|| {
+                LitStr::new(
+                    "::idempotency_actix::__private::IdempotencyPolicy::route_claim()",
+                    span,
+                )
+            });
+            with_wraps(&list.tokens, Some(&policy), claim.as_ref())
         }
     };
     Ok(function.into_token_stream())
+}
+
+/// Whether the route attribute's arguments hold a `wrap = ..` of the user's (any argument this
+/// crate cannot read counts as one).
+fn has_wraps(arguments: &TokenStream) -> bool {
+    let Ok(parsed) = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(arguments.clone())
+    else {
+        return true;
+    };
+    parsed.iter().any(|argument| match argument {
+        Expr::Assign(assign) => {
+            matches!(&*assign.left, Expr::Path(left) if left.path.is_ident("wrap"))
+        }
+        _ => false,
+    })
 }
 
 /// The route attribute's arguments with `innermost` as the first `wrap` (right after the path)
@@ -159,15 +177,19 @@ fn with_wraps(
     outermost: Option<&LitStr>,
 ) -> TokenStream {
     let outermost = outermost.map(|wrap| quote! { wrap = #wrap });
+    let innermost = innermost.map(|wrap| quote! { wrap = #wrap });
     let parsed = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(arguments.clone());
     let Ok(parsed) = parsed else {
-        // actix-web reports arguments it cannot read itself; add ours at the end.
-        let innermost = innermost.map(|wrap| quote! { , wrap = #wrap });
-        return quote! { #arguments #innermost , #outermost };
+        // actix-web reports the arguments it cannot read itself; ours go at the end.
+        let mut tokens: Vec<_> = arguments.clone().into_iter().collect();
+        if matches!(tokens.last(), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == ',') {
+            tokens.pop();
+        }
+        let ours = innermost.into_iter().chain(outermost);
+        return quote! { #(#tokens)* #(, #ours)* };
     };
     let mut arguments = parsed.into_iter();
     let path = arguments.next();
-    let innermost = innermost.map(|wrap| quote! { wrap = #wrap });
     let items = path
         .map(|path| quote! { #path })
         .into_iter()
