@@ -52,6 +52,18 @@ async fn endless(runs: web::Data<Runs>) -> HttpResponse {
         .streaming(ticking(run, None, Duration::from_millis(50)))
 }
 
+/// Its effect is done when it answers; its body then fails after one chunk.
+#[idempotent]
+#[post("/failing")]
+async fn failing(runs: web::Data<Runs>) -> HttpResponse {
+    let run = runs.record();
+    let chunks = stream::iter([
+        Ok(Bytes::from(format!("run {run} part 1\n"))),
+        Err(actix_web::error::ErrorInternalServerError("the export broke")),
+    ]);
+    HttpResponse::Created().streaming(chunks)
+}
+
 fn server(runs: &Runs) -> TestServer {
     let middleware = IdempotencyMiddleware::new(MemoryStore::builder().build());
     let runs = runs.clone();
@@ -62,6 +74,7 @@ fn server(runs: &Runs) -> TestServer {
             .service(events)
             .service(export)
             .service(endless)
+            .service(failing)
     })
     .unwrap_or_else(|e| panic!("server: {e}"))
 }
@@ -174,4 +187,61 @@ async fn an_endless_stream_answers_and_its_key_is_settled_when_the_client_leaves
         .problem_type()
         .is_some_and(|t| t.ends_with("#response-not-replayable")));
     assert_eq!(runs.count(), 1);
+}
+
+/// The handler ran (its effect is done) before its body failed half-way: the key stays done,
+/// not replayable, and retries never run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_stream_fails_half_way_keeps_its_key_done() {
+    let runs = Runs::default();
+    let server = server(&runs);
+    let url = server.url("/failing");
+    let first = reqwest::Client::new()
+        .post(&url)
+        .header("Idempotency-Key", "broken-export")
+        .header("content-type", "application/json")
+        .send()
+        .await;
+    if let Ok(response) = first {
+        // The body breaks off: the client sees an error or a truncated body.
+        let _ = response.bytes().await;
+    }
+    // A retry that ran the handler again would break off like the first: no answer at all.
+    let retry = || async {
+        let sent = reqwest::Client::new()
+            .post(&url)
+            .header("Idempotency-Key", "broken-export")
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .ok()?;
+        let status = sent.status().as_u16();
+        let body = sent.text().await.ok()?;
+        Some((status, body))
+    };
+    let mut retries = Vec::new();
+    for _ in 0..2 {
+        let mut answer = retry().await;
+        // The record is written once the failed stream is dropped: allow it a moment.
+        for _ in 0..20 {
+            if answer.as_ref().is_some_and(|(status, _)| *status != 409)
+                || answer
+                    .as_ref()
+                    .is_some_and(|(_, body)| body.contains("response-not-replayable"))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer = retry().await;
+        }
+        retries.push(answer);
+    }
+    for answer in &retries {
+        assert!(
+            answer.as_ref().is_some_and(|(status, body)| *status == 409
+                && body.contains("#response-not-replayable")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(runs.count(), 1, "the handler ran again after its stream failed");
 }

@@ -596,10 +596,14 @@ impl PendingRecord {
                                 let _nothing_joined = self.complete(|| None).await;
                             }
                             Ok(Recorded::Failed) => {
+                                // The handler ran and answered: its effect is done, whatever
+                                // became of the body. The key stays done, with nothing to
+                                // replay, so a retry is refused rather than run again.
                                 tracing::error!(
-                                    "idempotency: a response body failed while it was sent"
+                                    "idempotency: a response body failed while it was sent; its \
+                                     key is kept as done, without a response to replay"
                                 );
-                                self.release().await;
+                                let _nothing_joined = self.complete(|| None).await;
                             }
                         }
                     }
