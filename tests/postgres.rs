@@ -350,3 +350,135 @@ async fn a_crash_after_a_completed_request_replays_after_the_restart() {
     assert_eq!(replay.body, created.body);
     assert_eq!(count(&restarted.url("/orders/count")).await, 1);
 }
+
+/// Holds a transaction (and so a pooled connection) for `Hold`'s time.
+#[derive(Debug, Clone, Copy)]
+struct Hold(Duration);
+
+#[idempotent]
+#[post("/hold")]
+async fn hold_a_connection(hold: web::Data<Hold>, mut tx: IdempotentTransaction) -> HttpResponse {
+    let _ = sqlx::query("SELECT 1").execute(&mut *tx).await;
+    actix_web::rt::time::sleep(hold.0).await;
+    HttpResponse::Created().finish()
+}
+
+/// Slow, without a transaction: it holds no connection while it runs.
+#[idempotent]
+#[post("/slow-plain")]
+async fn slow_plain(runs: web::Data<Runs>, hold: web::Data<Hold>) -> HttpResponse {
+    let run = runs.record();
+    actix_web::rt::time::sleep(hold.0).await;
+    HttpResponse::Created().body(format!("run {run}"))
+}
+
+async fn saturated_server(
+    database: &FreshDatabase,
+    middleware: idempotency_actix::IdempotencyMiddlewareBuilder,
+    runs: &Runs,
+    hold: Duration,
+) -> TestServer {
+    let idempotency = middleware.build().unwrap_or_else(|e| panic!("config: {e}"));
+    let (runs, hold) = (web::Data::new(runs.clone()), web::Data::new(Hold(hold)));
+    let _ = database;
+    TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(runs.clone())
+            .app_data(hold.clone())
+            .service(hold_a_connection)
+            .service(slow_plain)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
+/// A store with two connections, both held by handlers' transactions: the duplicate of a
+/// running request finds the store reachable but saturated. It is full, not down: the duplicate
+/// never runs, even when the middleware fails open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_never_runs_a_duplicate_even_failing_open() {
+    let test = "a_saturated_pool_never_runs_a_duplicate";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = PostgresStore::builder(&database.url())
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::builder(store)
+        .store_outage(idempotency_actix::StoreOutage::FailOpen)
+        .lock_timeout(Duration::from_millis(200));
+    let server = saturated_server(&database, middleware, &runs, Duration::from_millis(1500)).await;
+
+    let first = tokio::spawn({
+        let url = server.url("/slow-plain");
+        async move { post_keyed(&fresh_client(), &url, "plain", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let holders: Vec<_> = ["h1", "h2"]
+        .into_iter()
+        .map(|key| {
+            let url = server.url("/hold");
+            tokio::spawn(async move { post_keyed(&fresh_client(), &url, key, "{}").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let duplicate = post_keyed(&fresh_client(), &server.url("/slow-plain"), "plain", "{}").await;
+    assert!(
+        [StatusCode::CONFLICT, StatusCode::SERVICE_UNAVAILABLE].contains(&duplicate.status)
+            || duplicate.is_replay(),
+        "{duplicate:?}"
+    );
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    for holder in holders {
+        let _ = holder.await;
+    }
+    assert_eq!(runs.count(), 1, "the duplicate ran the handler again");
+}
+
+/// One connection, held by the handler's transaction for longer than a lease: the store's own
+/// renewals still get through, so a duplicate meanwhile finds the key in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_keep_a_lease_alive_while_handlers_hold_every_pooled_connection() {
+    let test = "renewals_keep_a_lease_alive";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = PostgresStore::builder(&database.url())
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let runs = Runs::default();
+    let middleware = IdempotencyMiddleware::builder(store)
+        .reservation_lease(Duration::from_millis(600))
+        .lock_timeout(Duration::from_millis(100));
+    let server = saturated_server(&database, middleware, &runs, Duration::from_millis(2000)).await;
+
+    let first = tokio::spawn({
+        let url = server.url("/hold");
+        async move { post_keyed(&fresh_client(), &url, "long", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let duplicate = post_keyed(&fresh_client(), &server.url("/hold"), "long", "{}").await;
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CONFLICT,
+        "the lease lapsed while the handler held the only connection: {duplicate:?}"
+    );
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+}

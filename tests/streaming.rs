@@ -59,7 +59,9 @@ async fn failing(runs: web::Data<Runs>) -> HttpResponse {
     let run = runs.record();
     let chunks = stream::iter([
         Ok(Bytes::from(format!("run {run} part 1\n"))),
-        Err(actix_web::error::ErrorInternalServerError("the export broke")),
+        Err(actix_web::error::ErrorInternalServerError(
+            "the export broke",
+        )),
     ]);
     HttpResponse::Created().streaming(chunks)
 }
@@ -238,10 +240,15 @@ async fn a_response_whose_stream_fails_half_way_keeps_its_key_done() {
     }
     for answer in &retries {
         assert!(
-            answer.as_ref().is_some_and(|(status, body)| *status == 409
-                && body.contains("#response-not-replayable")),
+            answer.as_ref().is_some_and(
+                |(status, body)| *status == 409 && body.contains("#response-not-replayable")
+            ),
             "{answer:?}"
         );
     }
-    assert_eq!(runs.count(), 1, "the handler ran again after its stream failed");
+    assert_eq!(
+        runs.count(),
+        1,
+        "the handler ran again after its stream failed"
+    );
 }

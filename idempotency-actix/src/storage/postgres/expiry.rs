@@ -70,7 +70,7 @@ impl ExpiryJob {
         loop {
             let batch = sqlx::query(&self.store.inner.sql.expire)
                 .bind(i64::from(self.batch_size))
-                .execute(&self.store.inner.pool)
+                .execute(&self.store.inner.statements)
                 .await
                 .map_err(backend)?
                 .rows_affected();

@@ -58,7 +58,12 @@ pub struct PostgresStore {
 
 #[derive(Debug)]
 struct Inner {
+    /// The pool handlers' transactions come from ([`IdempotentTransaction`]).
     pool: PgPool,
+    /// The store's own connections, for its short statements (reserve, renew, complete,
+    /// release): handlers holding every connection of `pool` never starve them, so leases stay
+    /// renewed and duplicates are told the key is in flight.
+    statements: PgPool,
     table: String,
     sql: Statements,
 }
@@ -68,6 +73,7 @@ impl std::fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("table", &self.inner.table)
             .field("connections", &self.inner.pool.size())
+            .field("statement_connections", &self.inner.statements.size())
             .finish_non_exhaustive()
     }
 }
@@ -82,12 +88,14 @@ impl PostgresStore {
             source: Source::Url(url.to_owned()),
             table: DEFAULT_TABLE.to_owned(),
             max_connections: 10,
+            statement_connections: 4,
             acquire_timeout: Duration::from_secs(1),
         }
     }
 
     /// A builder for a store on a pool the application already has, so that handlers'
-    /// transactions and the store share its connections. The pool's own settings apply.
+    /// transactions come from it; the pool's own settings apply to them. The store's own short
+    /// statements get a few connections of their own, made with the pool's connect options.
     pub fn builder_from_pool(pool: PgPool) -> PostgresStoreBuilder {
         PostgresStoreBuilder {
             source: Source::Pool(pool),
@@ -95,7 +103,7 @@ impl PostgresStore {
         }
     }
 
-    /// The connection pool the store (and [`IdempotentTransaction`]) uses.
+    /// The connection pool handlers' transactions ([`IdempotentTransaction`]) come from.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
@@ -103,7 +111,7 @@ impl PostgresStore {
     /// Creates the store's table and index if they do not exist.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
         sqlx::raw_sql(&self.inner.sql.schema)
-            .execute(&self.inner.pool)
+            .execute(&self.inner.statements)
             .await
             .map_err(backend)?;
         Ok(())
@@ -115,7 +123,16 @@ impl PostgresStore {
     }
 
     async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
-        self.inner.pool.acquire().await.map_err(backend)
+        let statements = &self.inner.statements;
+        statements.acquire().await.map_err(|error| {
+            // No connection came free in time, with connections open: the database answers, it
+            // is only busy. A store that cannot take one more request never runs it
+            // unprotected. (With none open, it could not be reached: an outage.)
+            if matches!(error, sqlx::Error::PoolTimedOut) && statements.size() > 0 {
+                return StoreError::Full(error.to_string());
+            }
+            backend(error)
+        })
     }
 
     async fn reserve_key(
@@ -390,6 +407,7 @@ pub struct PostgresStoreBuilder {
     source: Source,
     table: String,
     max_connections: u32,
+    statement_connections: u32,
     acquire_timeout: Duration,
 }
 
@@ -403,9 +421,9 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// The most connections the store's own pool opens. Each handler running in an
-    /// [`IdempotentTransaction`] holds one for its whole run; every other store operation
-    /// borrows one for one short statement or two. Ignored for a pool the application passed.
+    /// The most connections handlers' transactions take: each handler running in an
+    /// [`IdempotentTransaction`] holds one for its whole run. Ignored for a pool the
+    /// application passed.
     ///
     /// Defaults to 10.
     pub fn max_connections(mut self, connections: u32) -> Self {
@@ -413,8 +431,22 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// How long a store operation waits for a free connection before the request gets the
-    /// store-outage answer. Ignored for a pool the application passed.
+    /// The most connections the store keeps for its own short statements (reserve, renew,
+    /// complete, release: one statement each), apart from the handlers' transactions, so that
+    /// these never wait behind handlers that hold every other connection.
+    ///
+    /// Defaults to 4.
+    pub fn statement_connections(mut self, connections: u32) -> Self {
+        self.statement_connections = connections.max(1);
+        self
+    }
+
+    /// How long a store operation, or a handler's transaction, waits for a free connection.
+    /// A request that waited that long while the store's connections were all busy gets 503
+    /// whatever the [`StoreOutage`](crate::StoreOutage) policy: the store answers, it is only
+    /// busy, and a busy store never runs a request unprotected. (One that could open no
+    /// connection at all gets the outage answer.) For a pool the application passed, its own
+    /// timeout applies to the handlers' transactions.
     ///
     /// Defaults to 1 second.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
@@ -440,9 +472,14 @@ impl PostgresStoreBuilder {
                 .connect_lazy(&url)
                 .map_err(backend)?,
         };
+        let statements = PgPoolOptions::new()
+            .max_connections(self.statement_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(pool.connect_options().as_ref().clone());
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,
+                statements,
                 sql: Statements::for_table(&self.table),
                 table: self.table,
             }),

@@ -40,9 +40,9 @@ use crate::{
 ///   longer than a third of the reservation lease has its reservation renewed by another
 ///   transaction, and its commit then fails (503, rolled back): keep the lease well above such
 ///   handlers' run time.
-/// - **Connections**: it holds one pooled connection from its extraction until the response
-///   is recorded; size the pool for the handlers that run at once, plus a few for the store's
-///   short statements.
+/// - **Connections**: it holds one connection of the store's [`pool`](PostgresStore::pool) from
+///   its extraction until the response is recorded; size that pool for the handlers that run
+///   at once. The store's own short statements have connections of their own.
 ///
 /// It is available on routes whose policy settles the key before the handler runs
 /// (`#[idempotent]`, `#[idempotency_manual]`, [`IdempotencyPolicy`](crate::IdempotencyPolicy))
