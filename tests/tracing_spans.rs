@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use actix_web::{http::StatusCode, test, web, App};
-use idempotency_actix::{IdempotencyMiddleware, MemoryStore};
+use idempotency_actix::{IdempotencyMiddleware, IdempotencyPolicy, MemoryStore};
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
     respond,
@@ -146,5 +146,47 @@ async fn each_keyed_request_has_a_span_with_its_outcome_and_no_key_in_clear() {
     assert!(
         !everything.contains(key),
         "the key never appears in clear: {everything}"
+    );
+}
+
+/// The span names the route by its pattern, never by the concrete path, on a route with a policy
+/// and on one settled by the enforce-mode default.
+#[actix_rt::test]
+async fn the_span_names_the_route_pattern_not_the_path() {
+    let recorded = Recorded::default();
+    let subscriber = tracing_subscriber::registry().with(recorded.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+            .route(
+                "/users/{id}/cancel",
+                web::post().to(actix_web::HttpResponse::Ok),
+            )
+            .service(
+                web::resource("/accounts/{id}/close")
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::post().to(actix_web::HttpResponse::Ok)),
+            ),
+    )
+    .await;
+    for path in ["/users/123/cancel", "/accounts/456/close"] {
+        let request = test::TestRequest::post()
+            .uri(path)
+            .insert_header(("Idempotency-Key", "k"))
+            .to_request();
+        assert_eq!(respond(&app, request).await.status, StatusCode::OK);
+    }
+    let spans = recorded
+        .spans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let routes: Vec<_> = spans.iter().map(|span| span.get("route")).collect();
+    assert_eq!(
+        routes,
+        [Some("/users/{id}/cancel"), Some("/accounts/{id}/close")],
+        "{spans:?}"
     );
 }

@@ -108,6 +108,8 @@ pub(crate) struct Config {
     /// Whether the log already said that a middleware between this one and a route defers
     /// routing (said once per middleware: it is a setup, not a request, that is wrong).
     deferred_routing_reported: AtomicBool,
+    /// Whether the log already said that a route names a store this middleware lacks.
+    pub(crate) unknown_store_reported: AtomicBool,
 }
 
 impl std::fmt::Debug for Config {
@@ -130,9 +132,10 @@ impl Config {
     /// two defers routing, so the default answers such routes' requests without knowing their
     /// policy (keyless requests to exempt or optional routes get 400, for instance).
     pub(crate) fn report_deferred_routing(&self) {
-        if self.mode == Mode::Enforce
-            && !self.deferred_routing_reported.swap(true, Ordering::Relaxed)
-        {
+        if self.mode != Mode::Enforce {
+            return;
+        }
+        report_once(&self.deferred_routing_reported, || {
             tracing::error!(
                 "idempotency: a route with an idempotency policy was reached after \
                  IdempotencyMiddleware settled its request as a route without one: a middleware \
@@ -143,7 +146,7 @@ impl Config {
                  it on the app), or use opt-in mode (IdempotencyMiddleware::opt_in) and mark \
                  the routes"
             );
-        }
+        });
     }
 
     pub(crate) fn is_storable(&self, status: StatusCode) -> bool {
@@ -162,6 +165,14 @@ impl Config {
             None => Some(&self.store),
             Some(name) => self.named_stores.get(name),
         }
+    }
+}
+
+/// Runs `report` (a log line about the setup) the first time only: what is wrong with a setup is
+/// said once, so that no stream of requests can flood the log with it.
+pub(crate) fn report_once(reported: &AtomicBool, report: impl FnOnce()) {
+    if !reported.swap(true, Ordering::Relaxed) {
+        report();
     }
 }
 
@@ -506,6 +517,7 @@ impl IdempotencyMiddlewareBuilder {
             replay_set_cookie: self.replay_set_cookie,
             default_latches: Arc::default(),
             deferred_routing_reported: AtomicBool::new(false),
+            unknown_store_reported: AtomicBool::new(false),
             problem_base: Arc::from(
                 self.problem_type_base
                     .as_deref()

@@ -156,6 +156,9 @@ pub(crate) struct RequestFacts {
     /// The path as routing matches it (percent-encoded unreserved characters decoded), so
     /// that every spelling reaching one handler is one operation.
     pub(crate) path: String,
+    /// The route's pattern (`/users/{id}`), for the request's span: never the concrete path,
+    /// which may carry identifiers and has no bound. Empty when no span is recorded.
+    pub(crate) route: String,
     pub(crate) query: String,
     pub(crate) key: Result<Option<IdempotencyKey>, InvalidKey>,
     pub(crate) scope: Option<String>,
@@ -170,10 +173,17 @@ impl RequestFacts {
     pub(crate) fn capture(req: &ServiceRequest, config: &Config) -> Self {
         let headers = req.headers();
         let key = parse_key_header(headers, &config.header);
+        // Looked up only for a span that is recorded: it walks the app's routes.
+        let route = if tracing::span_enabled!(tracing::Level::DEBUG) {
+            req.match_pattern().unwrap_or_default()
+        } else {
+            String::new()
+        };
         if !matches!(key, Ok(Some(_))) {
             return Self {
                 method: req.method().clone(),
                 path: String::new(),
+                route,
                 query: String::new(),
                 key,
                 scope: None,
@@ -185,6 +195,7 @@ impl RequestFacts {
         Self {
             method: req.method().clone(),
             path: req.match_info().as_str().to_owned(),
+            route,
             query: req.query_string().to_owned(),
             key,
             scope: config.scope.scope(req.request()),

@@ -95,7 +95,7 @@ pub(crate) fn start(
     facts: RequestFacts,
     payload: Payload,
 ) -> Instrumented<impl Future<Output = Start>> {
-    let span = keyed_request_span(facts.method.as_str(), &facts.path);
+    let span = keyed_request_span(facts.method.as_str(), &facts.route);
     decide(config, point, facts, payload).instrument(span)
 }
 
@@ -135,7 +135,9 @@ async fn decide(
     };
     let store_name = store_name.as_deref();
     let Some(store) = config.store(store_name).cloned() else {
-        tracing::error!("idempotency: no store is registered under the name {store_name:?}");
+        crate::config::report_once(&config.unknown_store_reported, || {
+            tracing::error!("idempotency: no store is registered under the name {store_name:?}");
+        });
         return refuse(
             &config,
             IdempotencyError::Misconfigured("unknown store name"),

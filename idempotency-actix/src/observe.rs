@@ -152,10 +152,11 @@ impl StoreOperation {
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
-/// The span of one keyed request. The key is never in it: only the first 12 hex digits of a
-/// SHA-256 of its storage key, enough to follow one key through the logs.
+/// The span of one keyed request, at DEBUG: one per request is too many for a log at INFO.
+/// The key is never in it: only the first 12 hex digits of a SHA-256 of its storage key,
+/// enough to follow one key through the logs; the route is the matched pattern.
 pub(crate) fn keyed_request_span(method: &str, route: &str) -> Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "idempotency",
         method,
         route,

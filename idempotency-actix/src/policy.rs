@@ -1,6 +1,7 @@
 //! Per-route policies and the marker middleware the handler attributes attach.
 
 use std::{
+    cell::Cell,
     future::{ready, Ready},
     rc::Rc,
     sync::Arc,
@@ -162,6 +163,7 @@ where
             service: Rc::new(service),
             policy: self.clone(),
             latches: Arc::default(),
+            reported: Cell::new(false),
         }))
     }
 }
@@ -176,6 +178,9 @@ pub struct IdempotencyPolicyService<S> {
     policy: IdempotencyPolicy,
     /// Set once the caller scope was seen changing after this policy settled a key.
     latches: Arc<ScopeLatches>,
+    /// Whether the log already told what is wrong with this route's setup: once is enough, a
+    /// request must not be able to flood the log.
+    reported: Cell<bool>,
 }
 
 impl<S, B> Service<ServiceRequest> for IdempotencyPolicyService<S>
@@ -195,8 +200,18 @@ where
             return Either::Left(self.service.call(req).map_ok(pass_through));
         }
         let Some(slot) = req.extensions().get::<Rc<RouteSlot>>().cloned() else {
-            let why = not_registered(&req);
-            return misconfigured(req, PROBLEM_TYPE_BASE, why);
+            if !self.reported.replace(true) {
+                tracing::error!(
+                    "idempotency: the route {} has an idempotency policy but \
+                     IdempotencyMiddleware is not registered on the app (App::wrap)",
+                    req.match_pattern().as_deref().unwrap_or("(unmatched)")
+                );
+            }
+            return misconfigured(
+                req,
+                PROBLEM_TYPE_BASE,
+                "IdempotencyMiddleware is not registered on the app",
+            );
         };
         let claim = slot.claim();
         if let Some(payload) = claim.payload {
@@ -220,12 +235,13 @@ where
             (true, PolicyKind::Manual) => KeyedPolicy::Manual,
         };
         if !slot.apply_policy() {
-            tracing::error!(
-                "idempotency: {} {} carries two idempotency policies (on a scope or resource and \
-                 on the route); keep one",
-                req.method(),
-                req.match_pattern().as_deref().unwrap_or("(unmatched)")
-            );
+            if !self.reported.replace(true) {
+                tracing::error!(
+                    "idempotency: the route {} carries two idempotency policies (on a scope or \
+                     resource and on the route); keep one",
+                    req.match_pattern().as_deref().unwrap_or("(unmatched)")
+                );
+            }
             return misconfigured(
                 req,
                 &slot.config.problem_base,
@@ -274,16 +290,6 @@ where
             }
         }))
     }
-}
-
-fn not_registered(req: &ServiceRequest) -> &'static str {
-    tracing::error!(
-        "idempotency: {} {} has an idempotency policy but IdempotencyMiddleware is not \
-         registered on the app (App::wrap)",
-        req.method(),
-        req.match_pattern().as_deref().unwrap_or("(unmatched)")
-    );
-    "IdempotencyMiddleware is not registered on the app"
 }
 
 fn misconfigured<L, B>(
