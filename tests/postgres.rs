@@ -482,3 +482,88 @@ async fn renewals_keep_a_lease_alive_while_handlers_hold_every_pooled_connection
     let first = first.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
 }
+
+/// `shutdown_server` on `database`, its standard error kept to read after it exits.
+fn shutdown_server(database: &FreshDatabase, lease_ms: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shutdown_server"))
+        .env("DATABASE_URL", database.url())
+        .env("LEASE_MS", lease_ms)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("shutdown_server: {e}"));
+    let stdout = child
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("shutdown_server has no stdout"));
+    let address = std::io::BufReader::new(stdout)
+        .lines()
+        .find_map(|line| line.ok()?.strip_prefix("listening on ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("shutdown_server stopped before it listened"));
+    (child, format!("http://{address}/slow"))
+}
+
+/// SIGTERM while a transactional handler runs, and a shutdown that does not wait for it: the
+/// server stops without a panic, nothing the handler wrote is committed, and the key is left as
+/// a crash leaves it (free once its lease ends), so a retry on a new instance runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_by_shutdown_leaves_its_key_as_a_crash_would_without_a_panic() {
+    use std::io::Read;
+    let test = "a_request_cut_off_by_shutdown";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let (mut first, first_url) = shutdown_server(&database, "1500");
+    let cut_off = tokio::spawn(async move {
+        fresh_client()
+            .post(&first_url)
+            .header("Idempotency-Key", "cut-off")
+            .body("{}")
+            .send()
+            .await
+            .map(|response| response.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(terminated.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = first.wait();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = first.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        (status, stderr)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (status, stderr) = exited;
+    assert!(
+        !stderr.contains("panicked"),
+        "the shutdown panicked: {stderr}"
+    );
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "{status:?}: {stderr}"
+    );
+    let cut_off = cut_off.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(cut_off.as_ref().map_or(true, |s| *s >= 500), "{cut_off:?}");
+    assert_eq!(database.number("SELECT count(*) FROM effects").await, 0);
+
+    // A new instance: the key is in flight until the lease ends, then the retry runs once.
+    let (_second, second_url) = shutdown_server(&database, "1500");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let retried = tokio::time::timeout(
+        Duration::from_secs(15),
+        post_keyed(&fresh_client(), &second_url, "cut-off", "{}"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the retry did not answer"));
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    assert_eq!(database.number("SELECT count(*) FROM effects").await, 1);
+}

@@ -149,7 +149,7 @@ impl Drop for IdempotentTransaction {
     fn drop(&mut self) {
         if let Some(transaction) = self.transaction.take() {
             self.reservation.give_back(Box::new(Returned {
-                transaction,
+                transaction: ShutdownSafe(Some(transaction)),
                 store: self.store.clone(),
             }));
         }
@@ -158,8 +158,39 @@ impl Drop for IdempotentTransaction {
 
 /// The handler's transaction, handed back to be committed with the record.
 struct Returned {
-    transaction: Transaction<'static, Postgres>,
+    transaction: ShutdownSafe,
     store: PostgresStore,
+}
+
+/// A transaction that, dropped where no Tokio runtime runs any more (a worker torn down by a
+/// shutdown that did not wait for its requests), is left to the closing of its connection:
+/// sqlx hands a dropped connection back to its pool from a new task, which needs a runtime,
+/// and would panic. The database rolls the transaction back when the connection closes, and
+/// the key is left as a crash would leave it.
+struct ShutdownSafe(Option<Transaction<'static, Postgres>>);
+
+impl ShutdownSafe {
+    fn get(&mut self) -> Result<&mut Transaction<'static, Postgres>, StoreError> {
+        self.0.as_mut().ok_or_else(ended_already)
+    }
+
+    fn take(&mut self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.0.take().ok_or_else(ended_already)
+    }
+}
+
+fn ended_already() -> StoreError {
+    StoreError::Corrupt("the transaction was already ended".to_owned())
+}
+
+impl Drop for ShutdownSafe {
+    fn drop(&mut self) {
+        if let Some(transaction) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                std::mem::forget(transaction);
+            }
+        }
+    }
 }
 
 impl JoinedWork for Returned {
@@ -176,12 +207,17 @@ impl JoinedWork for Returned {
         } = *self;
         Box::pin(async move {
             let sql = &store.inner.sql;
-            let completion = complete_on(&mut transaction, sql, &key, token, &record, ttl).await?;
-            if completion == Completion::LostReservation {
-                transaction.rollback().await.map_err(backend)?;
+            let completion =
+                complete_on(transaction.get()?, sql, &key, token, &record, ttl).await?;
+            // Ending it takes it whole; from here on, only a shutdown in the middle of this one
+            // round trip is left to sqlx's own drop.
+            let open = transaction.take()?;
+            let ended = if completion == Completion::LostReservation {
+                open.rollback().await
             } else {
-                transaction.commit().await.map_err(backend)?;
-            }
+                open.commit().await
+            };
+            ended.map_err(backend)?;
             Ok(completion)
         })
     }
