@@ -15,8 +15,8 @@ use actix_web::{
 };
 use idempotency_actix::{
     explain_startup_error, idempotency_exempt, idempotency_manual, idempotent,
-    IdempotencyMiddleware, IdempotencyStore, IdempotentTransaction, ManualIdempotency, MemoryStore,
-    PostgresStore, RedisStore,
+    IdempotencyMiddleware, IdempotencyStore, IdempotentTransaction, ManualIdempotency,
+    MaybeIdempotentTransaction, MemoryStore, PostgresStore, RedisStore,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use redis::{
@@ -238,9 +238,9 @@ struct NewOrder {
 async fn create_order(
     orders: web::Data<Orders>,
     order: web::Json<NewOrder>,
-    transaction: Option<IdempotentTransaction>,
+    transaction: MaybeIdempotentTransaction,
 ) -> HttpResponse {
-    orders.create(&order.item, transaction).await
+    orders.create(&order.item, transaction.into_option()).await
 }
 
 #[idempotent(optional)]
@@ -248,9 +248,9 @@ async fn create_order(
 async fn create_order_optional_key(
     orders: web::Data<Orders>,
     order: web::Json<NewOrder>,
-    transaction: Option<IdempotentTransaction>,
+    transaction: MaybeIdempotentTransaction,
 ) -> HttpResponse {
-    orders.create(&order.item, transaction).await
+    orders.create(&order.item, transaction.into_option()).await
 }
 
 #[idempotency_manual]
@@ -259,7 +259,7 @@ async fn create_order_manually(
     orders: web::Data<Orders>,
     idempotency: ManualIdempotency,
     order: web::Json<NewOrder>,
-    transaction: Option<IdempotentTransaction>,
+    transaction: MaybeIdempotentTransaction,
 ) -> HttpResponse {
     let prior_id = idempotency
         .prior_response()
@@ -268,7 +268,7 @@ async fn create_order_manually(
     match (idempotency.key_exists(), prior_id) {
         (true, Some(id)) => HttpResponse::Ok().json(json!({ "replayed_id": id })),
         (true, None) => HttpResponse::Conflict().json(json!({ "error": "no replayable order" })),
-        (false, _) => orders.create(&order.item, transaction).await,
+        (false, _) => orders.create(&order.item, transaction.into_option()).await,
     }
 }
 
@@ -279,10 +279,14 @@ async fn create_order_manually(
 async fn create_order_slowly(
     orders: web::Data<Orders>,
     order: web::Json<NewOrder>,
-    transaction: Option<IdempotentTransaction>,
+    transaction: MaybeIdempotentTransaction,
 ) -> HttpResponse {
     orders
-        .create_then_wait(&order.item, transaction, Duration::from_millis(300))
+        .create_then_wait(
+            &order.item,
+            transaction.into_option(),
+            Duration::from_millis(300),
+        )
         .await
 }
 

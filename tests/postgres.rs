@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use actix_web::{http::StatusCode, post, web, App, HttpResponse};
 use futures_util::future::join_all;
 use idempotency_actix::{
-    idempotent, IdempotencyMiddleware, IdempotentTransaction, MemoryStore, PostgresStore,
+    idempotent, IdempotencyMiddleware, IdempotentTransaction, MaybeIdempotentTransaction,
+    MemoryStore, PostgresStore,
 };
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
@@ -566,4 +567,176 @@ async fn a_request_cut_off_by_shutdown_leaves_its_key_as_a_crash_would_without_a
     .unwrap_or_else(|_| panic!("the retry did not answer"));
     assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
     assert_eq!(database.number("SELECT count(*) FROM effects").await, 1);
+}
+
+/// Records a decline in its transaction and answers 402, as a payment API does.
+#[idempotent]
+#[post("/decline")]
+async fn decline(effects: web::Data<Effects>, mut tx: IdempotentTransaction) -> HttpResponse {
+    let run = effects.runs.record();
+    let recorded = sqlx::query("INSERT INTO effects (run) VALUES ($1)")
+        .bind(i64::try_from(run).unwrap_or_default())
+        .execute(&mut *tx)
+        .await;
+    match recorded {
+        Ok(_) => HttpResponse::PaymentRequired().json(json!({ "run": run, "status": "declined" })),
+        Err(error) => HttpResponse::InternalServerError().body(error.to_string()),
+    }
+}
+
+/// Records a refusal in its transaction and answers 422.
+#[idempotent]
+#[post("/refuse")]
+async fn refuse(effects: web::Data<Effects>, mut tx: IdempotentTransaction) -> HttpResponse {
+    let run = effects.runs.record();
+    let recorded = sqlx::query("INSERT INTO effects (run) VALUES ($1)")
+        .bind(i64::try_from(run).unwrap_or_default())
+        .execute(&mut *tx)
+        .await;
+    match recorded {
+        Ok(_) => HttpResponse::UnprocessableEntity().json(json!({ "run": run })),
+        Err(error) => HttpResponse::InternalServerError().body(error.to_string()),
+    }
+}
+
+/// A 4xx a transactional handler chose to answer commits with its record: the decline it wrote
+/// exists, and the retry gets it replayed instead of running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decline_or_refusal_a_transactional_handler_recorded_is_kept_and_replayed() {
+    let test = "a_decline_or_refusal_is_kept";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = database.store().await;
+    sqlx::raw_sql("CREATE TABLE effects (run bigint NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("effects table: {e}"));
+    let effects = Effects::new(false, Duration::ZERO);
+    let idempotency = IdempotencyMiddleware::new(store);
+    let data = web::Data::new(effects.clone());
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(data.clone())
+            .service(decline)
+            .service(refuse)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+    for (path, status) in [
+        ("/decline", StatusCode::PAYMENT_REQUIRED),
+        ("/refuse", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let first = post_keyed(&fresh_client(), &server.url(path), path, "{}").await;
+        let retry = post_keyed(&fresh_client(), &server.url(path), path, "{}").await;
+        assert_eq!(first.status, status, "{first:?}");
+        assert!(!first.is_replay());
+        assert!(retry.is_replay(), "{path}: {retry:?}");
+        assert_eq!(retry.status, status);
+        assert_eq!(retry.body, first.body);
+        let run = first.json()["run"].as_i64().unwrap_or_default();
+        let rows = database
+            .number(&format!("SELECT count(*) FROM effects WHERE run = {run}"))
+            .await;
+        assert_eq!(rows, 1, "{path}: the recorded row exists");
+    }
+    assert_eq!(effects.runs.count(), 2);
+}
+
+/// Takes the fallback the wrong way: `Option` turns a failed begin into `None`.
+#[idempotent]
+#[post("/option-fallback")]
+async fn option_fallback(
+    runs: web::Data<Runs>,
+    transaction: Option<IdempotentTransaction>,
+) -> HttpResponse {
+    let run = runs.record();
+    HttpResponse::Created().body(format!("run {run}, joined: {}", transaction.is_some()))
+}
+
+/// Takes the fallback the right way.
+#[idempotent]
+#[post("/maybe")]
+async fn maybe(runs: web::Data<Runs>, transaction: MaybeIdempotentTransaction) -> HttpResponse {
+    let run = runs.record();
+    let joined = transaction.into_option().is_some();
+    HttpResponse::Created().body(format!("run {run}, joined: {joined}"))
+}
+
+/// The database cannot begin a handler's transaction (every connection is held): the handler
+/// never silently runs outside it. `MaybeIdempotentTransaction` fails (503, key free, the
+/// retry runs once in a transaction); `Option<IdempotentTransaction>` lets the handler run, and
+/// its client gets 503 and a key kept done, never a response that looks recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
+    let test = "a_transaction_the_database_cannot_begin";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = PostgresStore::builder(&database.url())
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let runs = Runs::default();
+    let idempotency = IdempotencyMiddleware::new(store);
+    let (data, hold) = (
+        web::Data::new(runs.clone()),
+        web::Data::new(Hold(Duration::from_millis(1500))),
+    );
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(data.clone())
+            .app_data(hold.clone())
+            .service(hold_a_connection)
+            .service(option_fallback)
+            .service(maybe)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+
+    let holder = tokio::spawn({
+        let url = server.url("/hold");
+        async move { post_keyed(&fresh_client(), &url, "holder", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let maybe_refused = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
+    let option_ran = post_keyed(&fresh_client(), &server.url("/option-fallback"), "o", "{}").await;
+    assert_eq!(
+        maybe_refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{maybe_refused:?}"
+    );
+    assert_eq!(
+        option_ran.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{option_ran:?}"
+    );
+    assert_eq!(runs.count(), 1, "only the Option handler ran");
+    let _ = holder.await;
+
+    let maybe_retried = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
+    assert_eq!(
+        maybe_retried.status,
+        StatusCode::CREATED,
+        "{maybe_retried:?}"
+    );
+    assert_eq!(maybe_retried.body, "run 2, joined: true");
+    let option_retried =
+        post_keyed(&fresh_client(), &server.url("/option-fallback"), "o", "{}").await;
+    assert_eq!(
+        option_retried.status,
+        StatusCode::CONFLICT,
+        "{option_retried:?}"
+    );
+    assert!(option_retried
+        .problem_type()
+        .is_some_and(|t| t.ends_with("#response-not-replayable")));
+    assert_eq!(runs.count(), 2, "the Option handler never ran again");
 }

@@ -279,7 +279,8 @@ impl IdempotencyMiddlewareBuilder {
     }
 
     /// The response statuses that are stored and replayed; any other response frees the key so
-    /// that a retry runs the handler again.
+    /// that a retry runs the handler again. A handler that wrote in an `IdempotentTransaction`
+    /// (feature `postgres`) also keeps any answer but a server error: its writes commit with it.
     ///
     /// Defaults to 200–207 (the Python `STORE_ON_STATUSES`).
     pub fn store_on_statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {

@@ -534,8 +534,11 @@ impl PendingRecord {
                 self.replayable = false;
             }
         }
+        if self.active.has_failed() {
+            return self.after_a_failed_transaction(result).await;
+        }
         let response = match result {
-            Ok(response) if self.config.is_storable(response.status()) => response,
+            Ok(response) if self.is_kept(response.status()) => response,
             other => {
                 self.release().await;
                 return other.map(ServiceResponse::map_into_left_body);
@@ -634,7 +637,7 @@ impl PendingRecord {
         let record = || CompletedRecord::new(fingerprint, response().filter(|_| replayable));
         let ttl = self.config.record_ttl;
         match self.active.take() {
-            Joined::No => {}
+            Joined::No | Joined::Failed => {}
             Joined::Yes(work) => return self.commit_joined(work, record(), ttl).await,
             Joined::StillLent => {
                 tracing::error!(
@@ -720,6 +723,49 @@ impl PendingRecord {
                 );
                 self.release().await;
                 Err(IdempotencyError::StoreUnavailable)
+            }
+        }
+    }
+
+    /// Whether a response with `status` settles the key for good. A handler that wrote in its
+    /// transaction decided: anything but a server error (a decline, a refusal it recorded)
+    /// commits with its record, rather than being rolled back under a response that says it
+    /// happened. Elsewhere, the configured statuses.
+    fn is_kept(&self, status: actix_web::http::StatusCode) -> bool {
+        self.config.is_storable(status) || (self.active.is_joined() && !status.is_server_error())
+    }
+
+    /// The handler's transaction could not be begun. If the handler ran all the same (it took
+    /// `Option<IdempotentTransaction>`, which turns the failure into `None`) and answered, it
+    /// wrote outside any transaction: its effect may exist without a record to show for it.
+    /// It must not run again, and its client must not take its answer for a recorded one.
+    async fn after_a_failed_transaction<B>(
+        mut self,
+        result: Result<ServiceResponse<B>, Error>,
+    ) -> Result<ServiceResponse<EitherBody<B>>, Error>
+    where
+        B: MessageBody + 'static,
+    {
+        match result {
+            Ok(response) if !response.status().is_server_error() => {
+                tracing::error!(
+                    "idempotency: a handler ran without its transaction: the database could not \
+                     begin it, and the handler took Option<IdempotentTransaction>, which turns \
+                     that failure into None. What it wrote is not committed with its key's \
+                     record: the key is kept done, not replayable, and the client gets 503. \
+                     Take MaybeIdempotentTransaction, which fails instead"
+                );
+                let _nothing_to_replay = self.complete(|| None).await;
+                let request = response.into_parts().0;
+                Ok(refused(
+                    request,
+                    &IdempotencyError::StoreUnavailable,
+                    &self.config,
+                ))
+            }
+            other => {
+                self.release().await;
+                other.map(ServiceResponse::map_into_left_body)
             }
         }
     }

@@ -40,6 +40,8 @@ enum Lending {
     Lent,
     /// The handler gave it back.
     Returned(Box<dyn JoinedWork>),
+    /// It could not be begun (the database failed): the handler's extractor failed.
+    Failed,
 }
 
 /// What the handler did with the unit of work it was lent, seen when its key is settled.
@@ -51,6 +53,9 @@ pub(crate) enum Joined {
     StillLent,
     /// Here it is, to commit with the record.
     Yes(Box<dyn JoinedWork>),
+    /// It could not be begun. If the handler ran all the same (its extractor was optional and
+    /// actix-web turned the failure into `None`), it wrote outside any transaction.
+    Failed,
 }
 
 /// The reservation a keyed handler runs under, as its extractors see it.
@@ -82,6 +87,16 @@ impl ActiveReservation {
         true
     }
 
+    /// Records that the unit of work could not be begun.
+    pub(crate) fn fail(&self) {
+        *self.lending.borrow_mut() = Lending::Failed;
+    }
+
+    /// Whether the unit of work could not be begun.
+    pub(crate) fn has_failed(&self) -> bool {
+        matches!(*self.lending.borrow(), Lending::Failed)
+    }
+
     /// Takes back the unit of work the handler was lent.
     pub(crate) fn give_back(&self, work: Box<dyn JoinedWork>) {
         *self.lending.borrow_mut() = Lending::Returned(work);
@@ -89,7 +104,7 @@ impl ActiveReservation {
 
     /// Whether a unit of work was lent, returned or not.
     pub(crate) fn is_joined(&self) -> bool {
-        !matches!(*self.lending.borrow(), Lending::None)
+        matches!(*self.lending.borrow(), Lending::Lent | Lending::Returned(_))
     }
 
     /// Takes what the handler did with its unit of work, once.
@@ -98,6 +113,7 @@ impl ActiveReservation {
             Lending::None => Joined::No,
             Lending::Lent => Joined::StillLent,
             Lending::Returned(work) => Joined::Yes(work),
+            Lending::Failed => Joined::Failed,
         }
     }
 }

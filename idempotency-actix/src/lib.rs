@@ -106,7 +106,7 @@
 //! - `redis`: `RedisStore`, on the [redis](https://docs.rs/redis) crate (tokio).
 //! - `redis-cluster`: `RedisStore::cluster` and `RedisStore::cluster_builder`, the same store
 //!   on a Redis Cluster (the redis crate's async cluster connection); implies `redis`.
-//! - `postgres`: `PostgresStore`, `IdempotentTransaction` and `ExpiryJob`, on the
+//! - `postgres`: `PostgresStore`, `IdempotentTransaction` (and `MaybeIdempotentTransaction`) and `ExpiryJob`, on the
 //!   [sqlx](https://docs.rs/sqlx) crate (tokio).
 //! - `test-suite`: `storage::conformance`, the checks every store passes, for the tests of
 //!   a custom [`IdempotencyStore`].
@@ -194,7 +194,10 @@ pub use replay::REPLAYED_HEADER;
 pub use scope::{AuthorizationScope, CallerScope, ExtensionScope, GlobalScope, HeaderScope};
 pub use startup::explain_startup_error;
 #[cfg(feature = "postgres")]
-pub use storage::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStoreBuilder};
+pub use storage::{
+    ExpiryJob, IdempotentTransaction, MaybeIdempotentTransaction, PostgresStore,
+    PostgresStoreBuilder,
+};
 pub use storage::{IdempotencyStore, MemoryStore};
 #[cfg(feature = "redis")]
 pub use storage::{RedisStore, RedisStoreBuilder};

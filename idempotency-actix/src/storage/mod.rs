@@ -14,7 +14,10 @@ mod records;
 mod redis;
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::{ExpiryJob, IdempotentTransaction, PostgresStore, PostgresStoreBuilder};
+pub use self::postgres::{
+    ExpiryJob, IdempotentTransaction, MaybeIdempotentTransaction, PostgresStore,
+    PostgresStoreBuilder,
+};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub(crate) use interface::DynStore;

@@ -10,7 +10,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool, Row};
 
 use self::schema::{is_plain_table_name, Statements, DEFAULT_TABLE};
-pub use self::{expiry::ExpiryJob, transaction::IdempotentTransaction};
+pub use self::{
+    expiry::ExpiryJob,
+    transaction::{IdempotentTransaction, MaybeIdempotentTransaction},
+};
 use super::{
     codec::{decode_record, encode_record},
     CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,

@@ -21,10 +21,20 @@ use crate::{
 /// record of its idempotency key: the handler's effects exist if and only if its record does.
 ///
 /// It dereferences to a [`PgConnection`], so queries run on it with `&mut *tx`. The handler
-/// neither commits nor rolls back: when it returns a response the middleware stores
-/// (`store_on_statuses`, 2xx and 4xx by default), the record is written in this transaction and
-/// both commit before the response is sent; any other outcome (an error, a 5xx, a panic) rolls
-/// both back and frees the key for a retry.
+/// neither commits nor rolls back: when it answers with anything but a server error (5xx), the
+/// record is written in this transaction and both commit before the response is sent: a
+/// decline (402) or a refusal (422) the handler wrote rows for is kept, and replayed, like a
+/// success. A server error, an error or a panic rolls both back and frees the key for a retry.
+/// (On routes without a transaction, the stored statuses are
+/// [`store_on_statuses`](crate::IdempotencyMiddlewareBuilder::store_on_statuses), 200–207 by
+/// default.)
+///
+/// When the database fails to begin the transaction, extraction fails with 503. Take
+/// [`MaybeIdempotentTransaction`] on a route that must also serve requests without a
+/// reservation; never `Option<IdempotentTransaction>`: actix-web turns every extraction error
+/// into `None`, so the handler would write outside any transaction after a database failure.
+/// (If it does, its response is replaced by 503 and its key kept done, not replayable: it may
+/// have had an effect, and must not run again.)
 ///
 /// - **Crash**: a process that dies before the commit leaves neither the handler's rows nor the
 ///   record; its reservation (committed apart, when the key was claimed) lapses after the
@@ -114,7 +124,7 @@ impl FromRequest for IdempotentTransaction {
                     store,
                 }),
                 Err(error) => {
-                    drop(reservation.take());
+                    reservation.fail();
                     tracing::error!(
                         "idempotency: could not begin a handler's transaction: {error}"
                     );
@@ -122,6 +132,63 @@ impl FromRequest for IdempotentTransaction {
                 }
             }
         })
+    }
+}
+
+/// [`IdempotentTransaction`] where the request holds a reservation on a [`PostgresStore`], and
+/// [`Unreserved`](Self::Unreserved) where it holds none (a request without a key on an
+/// `#[idempotent(optional)]` route, a store outage under fail-open, another store): the handler
+/// then writes on its own. A database that fails to begin the transaction is an error (503),
+/// never `Unreserved`.
+///
+/// ```no_run
+/// use actix_web::{post, HttpResponse};
+/// use idempotency_actix::{idempotent, MaybeIdempotentTransaction};
+///
+/// #[idempotent(optional)]
+/// #[post("/notes")]
+/// async fn note(transaction: MaybeIdempotentTransaction) -> HttpResponse {
+///     match transaction.into_option() {
+///         Some(mut tx) => { /* sqlx::query(..).execute(&mut *tx) */ }
+///         None => { /* sqlx::query(..).execute(&pool) */ }
+///     }
+///     HttpResponse::Created().finish()
+/// }
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MaybeIdempotentTransaction {
+    /// The request holds a reservation on a `PostgresStore`: write in this transaction.
+    Reserved(IdempotentTransaction),
+    /// No reservation to write with: the handler writes on its own.
+    Unreserved,
+}
+
+impl MaybeIdempotentTransaction {
+    /// The transaction, if the request holds a reservation.
+    pub fn into_option(self) -> Option<IdempotentTransaction> {
+        match self {
+            Self::Reserved(transaction) => Some(transaction),
+            Self::Unreserved => None,
+        }
+    }
+}
+
+impl FromRequest for MaybeIdempotentTransaction {
+    type Error = IdempotencyError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let on_postgres = req
+            .extensions()
+            .get::<Rc<ActiveReservation>>()
+            .is_some_and(|reservation| reservation.store().is::<PostgresStore>());
+        if !on_postgres {
+            return Box::pin(std::future::ready(Ok(Self::Unreserved)));
+        }
+        let transaction = IdempotentTransaction::from_request(req, payload);
+        Box::pin(async move { transaction.await.map(Self::Reserved) })
     }
 }
 
