@@ -5,7 +5,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use idempotency_actix::PostgresStore;
+use idempotency_actix::{PostgresStore, PostgresStoreBuilder};
 use sqlx::{Connection, PgConnection};
 
 pub use crate::test_database::postgres_url_or_skip;
@@ -55,8 +55,15 @@ impl FreshDatabase {
 
     /// A store on it, with its schema (20 connections: enough for the concurrent tests).
     pub async fn store(&self) -> PostgresStore {
-        let store = PostgresStore::builder(&self.url())
-            .max_connections(20)
+        self.store_with(|builder| builder.max_connections(20)).await
+    }
+
+    /// A store on it configured by `configure`, with its schema.
+    pub async fn store_with(
+        &self,
+        configure: impl FnOnce(PostgresStoreBuilder) -> PostgresStoreBuilder,
+    ) -> PostgresStore {
+        let store = configure(PostgresStore::builder(&self.url()))
             .build()
             .unwrap_or_else(|e| panic!("store: {e}"));
         store

@@ -403,15 +403,13 @@ async fn a_saturated_pool_never_runs_a_duplicate_even_failing_open() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = PostgresStore::builder(&database.url())
-        .max_connections(2)
-        .acquire_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let store = database
+        .store_with(|builder| {
+            builder
+                .max_connections(2)
+                .acquire_timeout(Duration::from_millis(300))
+        })
+        .await;
     let runs = Runs::default();
     let middleware = IdempotencyMiddleware::builder(store)
         .store_outage(idempotency_actix::StoreOutage::FailOpen)
@@ -454,15 +452,13 @@ async fn renewals_keep_a_lease_alive_while_handlers_hold_every_pooled_connection
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = PostgresStore::builder(&database.url())
-        .max_connections(1)
-        .acquire_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let store = database
+        .store_with(|builder| {
+            builder
+                .max_connections(1)
+                .acquire_timeout(Duration::from_millis(300))
+        })
+        .await;
     let runs = Runs::default();
     let middleware = IdempotencyMiddleware::builder(store)
         .reservation_lease(Duration::from_millis(600))
@@ -675,15 +671,13 @@ async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = PostgresStore::builder(&database.url())
-        .max_connections(1)
-        .acquire_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let store = database
+        .store_with(|builder| {
+            builder
+                .max_connections(1)
+                .acquire_timeout(Duration::from_millis(300))
+        })
+        .await;
     let runs = Runs::default();
     let idempotency = IdempotencyMiddleware::new(store);
     let (data, hold) = (
