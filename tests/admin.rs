@@ -293,3 +293,63 @@ async fn admin_targets_named_stores_and_body_hashing_encoders() {
     assert!(matches!(admin.purge(&exact).await, Ok(false)));
     assert!(matches!(admin.lookup(&exact).await, Ok(None)));
 }
+
+/// A slow handler whose key an operator purges while it runs: the purge sticks. Its renewals
+/// do not make the reservation again, a retry runs at once, and the purged run's response is
+/// never the key's record (the retry's is).
+#[actix_rt::test]
+async fn a_purge_of_a_running_request_sticks_against_its_renewals() {
+    let runs = idempotency_actix_workspace::Runs::default();
+    let middleware = IdempotencyMiddleware::builder(MemoryStore::builder().build())
+        .reservation_lease(std::time::Duration::from_millis(600))
+        .build()
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let admin = middleware.admin();
+    let app = test::init_service(
+        App::new()
+            .wrap(middleware)
+            .app_data(web::Data::new(runs.clone()))
+            .route(
+                "/slow",
+                web::post().to(
+                    |runs: web::Data<idempotency_actix_workspace::Runs>| async move {
+                        let run = runs.record();
+                        actix_web::rt::time::sleep(std::time::Duration::from_millis(1500)).await;
+                        actix_web::HttpResponse::Created().body(format!("run {run}"))
+                    },
+                ),
+            ),
+    )
+    .await;
+    let keyed = || {
+        test::TestRequest::post()
+            .uri("/slow")
+            .insert_header(("Idempotency-Key", "stuck"))
+            .to_request()
+    };
+    let key = IdempotencyKey::try_from("stuck").unwrap_or_else(|e| panic!("key: {e}"));
+    let target = KeyTarget::new(actix_web::http::Method::POST, "/slow", key);
+    let purged_run = respond(&app, keyed());
+    let operator = async {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(matches!(admin.purge(&target).await, Ok(true)));
+        // Past two renewals of the purged run.
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(500)).await;
+        respond(&app, keyed()).await
+    };
+    let (purged_run, retry) = futures_util::future::join(purged_run, operator).await;
+    assert_eq!(purged_run.body, "run 1", "{purged_run:?}");
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry runs: {retry:?}"
+    );
+    assert_eq!(retry.body, "run 2");
+    let replay = respond(&app, keyed()).await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(
+        replay.body, "run 2",
+        "the purged run's response is never the record"
+    );
+    assert_eq!(runs.count(), 2);
+}

@@ -64,9 +64,10 @@ pub(crate) async fn keep_reserved(
             ),
             Ok(_) => {
                 tracing::error!(
-                    "idempotency: another request took over a key while its handler ran (the \
-                     reservation vanished: a store restart or eviction, or renewals failed for a \
-                     whole lease); the handler may run twice and this response will not be stored"
+                    "idempotency: a key was taken from its running handler: an operator purged \
+                     it, or another request took it after the reservation vanished (a store \
+                     restart or eviction, or renewals that failed for a whole lease). This \
+                     response will not be stored; a retry may run the handler again"
                 );
                 return std::future::pending().await;
             }

@@ -140,6 +140,14 @@ async fn is_in_flight<S: IdempotencyStore>(store: &S, key: &str) -> bool {
 ///   complete it.
 /// - *A purged record lets the next reservation run*, and inspection finds nothing.
 /// - *Purging a free key finds nothing*: it answers `false`.
+/// - *A freed reservation is never made again by its old owner*: after a purge (an operator)
+///   or a release, the old owner's renewal is [`Renewal::Lost`], not `Restored`, and a purged
+///   owner's completion is [`Completion::LostReservation`]: a command that arrives late (a
+///   re-sent renewal, a handler still running when it was purged) never undoes the freeing.
+///   The next reservation acquires the key.
+/// - *A reservation repeated by its owner is acquired*: a `reserve` re-sent with the same token
+///   (a client that retried after a reset, when the first had run) answers
+///   [`Reservation::Acquired`] again, not in flight.
 ///
 /// [`reserve`]: IdempotencyStore::reserve
 pub async fn run_all<S, F>(make: F)
@@ -164,6 +172,8 @@ where
     purged_reservation_frees_the_key(make()).await;
     purged_record_lets_the_next_reservation_run(make()).await;
     purging_a_free_key_finds_nothing(make()).await;
+    a_freed_reservation_is_never_made_again_by_its_old_owner(make()).await;
+    a_reservation_repeated_by_its_owner_is_acquired(make()).await;
 }
 
 async fn only_one_of_two_reservations_wins<S: IdempotencyStore>(store: S) {
@@ -600,4 +610,69 @@ async fn purging_a_free_key_finds_nothing<S: IdempotencyStore>(store: S) {
         !purge(&store, "released").await,
         "purging a released key must say it found nothing"
     );
+}
+
+async fn renewal_of<S: IdempotencyStore>(store: &S, key: &str, owner: ReservationToken) -> Renewal {
+    match store.renew(key, owner, Fingerprint([7; 32]), LEASE).await {
+        Ok(renewal) => renewal,
+        Err(error) => panic!("renewing {key} failed: {error}"),
+    }
+}
+
+async fn a_freed_reservation_is_never_made_again_by_its_old_owner<S: IdempotencyStore>(store: S) {
+    let purged = acquire(&store, "purged").await;
+    assert!(purge(&store, "purged").await, "the reservation was there");
+    assert_eq!(
+        renewal_of(&store, "purged", purged).await,
+        Renewal::Lost,
+        "a purged reservation must not be made again by its owner's renewal"
+    );
+    let after = inspect(&store, "purged").await;
+    assert!(
+        after.is_none(),
+        "the purged key must stay free, got {after:?}"
+    );
+    assert_eq!(
+        store
+            .complete("purged", purged, record("purged"), TTL)
+            .await
+            .ok(),
+        Some(Completion::LostReservation),
+        "the purged owner's response must not become the key's record"
+    );
+    let after = inspect(&store, "purged").await;
+    assert!(
+        after.is_none(),
+        "the purged key must stay free, got {after:?}"
+    );
+    acquire(&store, "purged").await;
+
+    let released = acquire(&store, "released").await;
+    assert!(store.release("released", released).await.is_ok());
+    assert_eq!(
+        renewal_of(&store, "released", released).await,
+        Renewal::Lost,
+        "a renewal arriving after its owner's release must not make the reservation again"
+    );
+    let after = inspect(&store, "released").await;
+    assert!(
+        after.is_none(),
+        "the released key must stay free, got {after:?}"
+    );
+    acquire(&store, "released").await;
+}
+
+async fn a_reservation_repeated_by_its_owner_is_acquired<S: IdempotencyStore>(store: S) {
+    let owner = acquire(&store, "k").await;
+    let again = store.reserve("k", owner, Fingerprint([7; 32]), LEASE).await;
+    assert!(
+        matches!(again, Ok(Reservation::Acquired)),
+        "a reservation re-sent with its owner's token must be acquired, got {again:?}"
+    );
+    assert!(
+        is_in_flight(&store, "k").await,
+        "and still held against others"
+    );
+    let completion = store.complete("k", owner, record("once"), TTL).await;
+    assert_eq!(completion.ok(), Some(Completion::Stored));
 }

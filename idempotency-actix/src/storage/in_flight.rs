@@ -30,11 +30,19 @@ pub(super) struct InFlight {
     pub(super) expires_at: Instant,
     /// Wakes the duplicates waiting for this reservation to end.
     pub(super) ended: Arc<Notify>,
+    /// Purged or released: the key is free, and the entry stays until the lease's end only so
+    /// that its old owner cannot make it again (a renewal or completion arriving late).
+    pub(super) freed: bool,
 }
 
 impl InFlight {
     pub(super) fn is_live(&self, now: Instant) -> bool {
-        self.expires_at > now
+        !self.freed && self.expires_at > now
+    }
+
+    /// Whether this is `token`'s reservation, freed (purged or released) while its lease runs.
+    pub(super) fn freed_for(&self, token: ReservationToken, now: Instant) -> bool {
+        self.freed && self.token == token && self.expires_at > now
     }
 }
 
@@ -82,6 +90,15 @@ impl Locked<'_> {
         }
     }
 
+    /// Frees the key's reservation, keeping it as freed until its lease's end, and wakes
+    /// whoever waits for it to end.
+    pub(super) fn free(&mut self, key: &MemoryKey) {
+        if let Some(entry) = self.shard.entries.get_mut(key) {
+            entry.freed = true;
+            entry.ended.notify_waiters();
+        }
+    }
+
     /// Removes the key's reservation and wakes whoever waits for it to end.
     pub(super) fn remove(&mut self, key: &MemoryKey) {
         if let Some(removed) = self.shard.entries.remove(key) {
@@ -96,19 +113,28 @@ impl Locked<'_> {
         if self.shard.entries.len() < self.shard.sweep_at {
             return;
         }
-        sweep(&mut self.shard, self.count, now);
+        sweep(&mut self.shard, self.count, now, Freed::Keep);
     }
 }
 
+/// What a sweep does with freed reservations whose lease still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freed {
+    /// Keeps them: their old owners must not make them again.
+    Keep,
+    /// Drops them too: the store is full, and a request that could run comes first.
+    Drop,
+}
+
 /// Drops the shard's expired reservations, waking whoever waited on them.
-fn sweep(shard: &mut Shard, count: &AtomicU64, now: Instant) {
+fn sweep(shard: &mut Shard, count: &AtomicU64, now: Instant, freed: Freed) {
     let before = shard.entries.len();
     shard.entries.retain(|_, entry| {
-        let live = entry.is_live(now);
-        if !live {
+        let kept = entry.is_live(now) || (freed == Freed::Keep && entry.expires_at > now);
+        if !kept {
             entry.ended.notify_waiters();
         }
-        live
+        kept
     });
     let swept = before - shard.entries.len();
     count.fetch_sub(swept as u64, Ordering::Relaxed);
@@ -148,11 +174,11 @@ impl InFlightMap {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Drops every shard's expired reservations, one shard at a time (never while holding
-    /// another shard's lock).
+    /// Drops every shard's expired and freed reservations, one shard at a time (never while
+    /// holding another shard's lock): the store is full.
     pub(super) fn sweep_expired(&self, now: Instant) {
         for shard in self.shards.iter() {
-            sweep(&mut shard.lock(), &self.count, now);
+            sweep(&mut shard.lock(), &self.count, now, Freed::Drop);
         }
     }
 }

@@ -34,7 +34,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ///
     /// The caller makes the token first, so that when the answer is lost (an error after the
     /// command may have run, a dropped future) it can free the key with
-    /// [`release`](Self::release) instead of leaving it locked for a lease.
+    /// [`release`](Self::release) instead of leaving it locked for a lease. For the same
+    /// reason, a reservation asked for again with the token that holds it (a client that
+    /// re-sent the command) is [`Reservation::Acquired`].
     fn reserve(
         &self,
         key: &str,
@@ -47,7 +49,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ///
     /// If the reservation is gone and nobody else holds or completed the key, it is made again
     /// (with `fingerprint`) and [`Renewal::Restored`] says so: that is how a reservation survives
-    /// a store that lost it.
+    /// a store that lost it. A reservation that was freed on purpose ([`release`](Self::release)
+    /// or [`purge`](Self::purge)) is never made again by its old owner, at least until its lease
+    /// would have ended: [`Renewal::Lost`].
     fn renew(
         &self,
         key: &str,
@@ -58,7 +62,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Replaces the reservation held by `token` with `record`, kept for `ttl`. If the reservation
     /// is gone and nobody else holds or completed the key, the record is stored all the same
-    /// ([`Completion::StoredWithoutReservation`]).
+    /// ([`Completion::StoredWithoutReservation`]), unless it was purged:
+    /// [`Completion::LostReservation`].
     fn complete(
         &self,
         key: &str,
@@ -87,9 +92,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// and says whether something was there. The next request with the key runs its handler.
     ///
     /// Purging a reservation whose handler still runs lets a retry run while it runs: the
-    /// protection is gone for that request, and the first of the two to finish stores its
-    /// response (the other's completion is [`Completion::LostReservation`] or stores without a
-    /// reservation). That is the operator's call, for a key stuck behind a handler that will
+    /// protection is gone for that request. The purge sticks: the purged handler's renewals
+    /// are [`Renewal::Lost`] and its completion [`Completion::LostReservation`], so its response
+    /// is never stored. That is the operator's call, for a key stuck behind a handler that will
     /// never finish. A store that wakes waiting duplicates on [`release`](Self::release) wakes
     /// them on a purge too.
     fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>>;

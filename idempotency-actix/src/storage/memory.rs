@@ -174,6 +174,10 @@ impl MemoryStore {
         }
         let mut locked = self.in_flight.lock(key);
         if let Some(owner) = locked.get(key).filter(|owner| owner.is_live(now)) {
+            // The same reservation asked for again (its first answer was lost): it is ours.
+            if owner.token == token {
+                return Ok(Reservation::Acquired);
+            }
             return Ok(Reservation::InFlight {
                 fingerprint: owner.fingerprint,
                 remaining_lease: owner.expires_at.saturating_duration_since(now),
@@ -204,6 +208,7 @@ impl MemoryStore {
         let now = Instant::now();
         let mut locked = self.in_flight.lock(key);
         match locked.get(key) {
+            Some(freed) if freed.freed_for(token, now) => Renewal::Lost,
             Some(ours) if ours.token == token => {
                 let renewal = if ours.is_live(now) {
                     Renewal::Renewed
@@ -236,6 +241,7 @@ impl MemoryStore {
         let mut locked = self.in_flight.lock(key);
         let mut evicted = 0;
         let completion = match locked.get(key) {
+            Some(freed) if freed.freed_for(token, now) => Completion::LostReservation,
             Some(ours) if ours.token == token => {
                 let completion = if ours.is_live(now) {
                     Completion::Stored
@@ -270,7 +276,7 @@ impl MemoryStore {
         let key = &MemoryKey::new(key);
         let mut locked = self.in_flight.lock(key);
         if locked.get(key).is_some_and(|ours| ours.token == token) {
-            locked.remove(key);
+            locked.free(key);
         }
     }
 
@@ -292,8 +298,11 @@ impl MemoryStore {
         let now = Instant::now();
         let mut locked = self.in_flight.lock(key);
         let reserved = locked.get(key).is_some_and(|owner| owner.is_live(now));
-        // Removing the reservation wakes its waiting duplicates, as a release does.
-        locked.remove(key);
+        // Freeing the reservation wakes its waiting duplicates, as a release does; kept as
+        // freed until its lease's end, it cannot be made again by its old owner.
+        if reserved {
+            locked.free(key);
+        }
         let recorded = self.records.remove(key);
         reserved || recorded
     }
@@ -334,6 +343,7 @@ fn in_flight(
         fingerprint,
         expires_at: deadline(now, lease),
         ended: Arc::new(Notify::new()),
+        freed: false,
     }
 }
 

@@ -148,8 +148,9 @@ pub enum Renewal {
     /// The caller's reservation had gone (the store lost it, or the lease ran out between two
     /// renewals) and nobody had taken the key: it was made again for another lease.
     Restored,
-    /// Another request owns or completed the key: the caller's handler is no longer protected
-    /// and its record will not be stored.
+    /// Another request owns or completed the key, or the caller's reservation was freed (an
+    /// operator purged it; a renewal that arrived after its release): the caller's handler is
+    /// no longer protected and its record will not be stored.
     Lost,
 }
 

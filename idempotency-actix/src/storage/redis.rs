@@ -28,25 +28,39 @@ const NOTIFIED_WAIT: Duration = Duration::from_secs(1);
 /// How soon a duplicate looks again after its subscription failed.
 const FALLBACK_POLL: Duration = Duration::from_millis(50);
 
-/// Claims a free key (or one whose lease ran out: Redis expired it), in one step.
+// The values of a key: `i<token>|<fingerprint>` while in flight, `c<record>` once completed,
+// `f<token>|` once freed (purged or released) until the lease's end, so that its old owner
+// cannot make it again. A freed key is free for everyone else.
+
+/// Claims a free key (or one whose lease ran out: Redis expired it), in one step; the same
+/// reservation asked for again (its first answer was lost) is acquired again.
 /// Returns `{0}` acquired, `{1, value, pttl}` in flight, `{2, value}` completed.
 const RESERVE: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current then
+local kind = current and string.sub(current, 1, 1)
+if not current or kind == 'f' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return {0}
 end
-if string.sub(current, 1, 1) == 'i' then
+if kind == 'i' then
+  local owner = string.sub(ARGV[1], 1, string.find(ARGV[1], '|', 1, true))
+  if string.sub(current, 1, string.len(owner)) == owner then
+    return {0}
+  end
   return {1, current, redis.call('PTTL', KEYS[1])}
 end
 return {2, current}
 ";
 
 /// Extends the reservation whose value starts with ARGV[1] (the owner's token) to ARGV[3] ms,
-/// or makes it again (value ARGV[2]) if the key is empty. Returns 1 renewed, 2 restored, 0 lost.
+/// or makes it again (value ARGV[2]) if the key is empty, unless the owner's reservation was
+/// freed. Returns 1 renewed, 2 restored, 0 lost.
 const RENEW: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current then
+if current == 'f' .. string.sub(ARGV[1], 2) then
+  return 0
+end
+if not current or string.sub(current, 1, 1) == 'f' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 2
 end
@@ -58,16 +72,20 @@ return 0
 ";
 
 /// Replaces the reservation whose value starts with ARGV[1] (the owner's token) by the record,
-/// or stores the record in an empty key. Returns 1 stored, 2 stored without reservation, 0 lost.
-/// Repeating a completion whose answer was lost finds its own record and reports it stored.
-/// A stored record wakes the key's waiting duplicates: `SPUBLISH` on the key's own name (one
-/// slot), under `pcall` so that a Redis without sharded pub/sub (before 7.0) still stores it.
+/// or stores the record in an empty key, unless the owner's reservation was freed. Returns 1
+/// stored, 2 stored without reservation, 0 lost. Repeating a completion whose answer was lost
+/// finds its own record and reports it stored. A stored record wakes the key's waiting
+/// duplicates: `SPUBLISH` on the key's own name (one slot), under `pcall` so that a Redis
+/// without sharded pub/sub (before 7.0) still stores it.
 const COMPLETE: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[2] then
   return 1
 end
-if not current then
+if current == 'f' .. string.sub(ARGV[1], 2) then
+  return 0
+end
+if not current or string.sub(current, 1, 1) == 'f' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.pcall('SPUBLISH', KEYS[1], '')
   return 2
@@ -80,12 +98,17 @@ end
 return 0
 ";
 
-/// Deletes the reservation whose value starts with ARGV[1] (the owner's token), and wakes the
+/// Frees the reservation whose value starts with ARGV[1] (the owner's token), and wakes the
 /// key's waiting duplicates as [`COMPLETE`] does.
 const RELEASE: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current and string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    redis.call('SET', KEYS[1], 'f' .. string.sub(ARGV[1], 2), 'PX', left)
+  else
+    redis.call('DEL', KEYS[1])
+  end
   redis.pcall('SPUBLISH', KEYS[1], '')
   return 1
 end
@@ -95,20 +118,28 @@ return 0
 /// Reads a key for an operator. Returns `{0}` free, `{1, value, pttl}` held.
 const INSPECT: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current then
+if not current or string.sub(current, 1, 1) == 'f' then
   return {0}
 end
 return {1, current, redis.call('PTTL', KEYS[1])}
 ";
 
-/// Deletes whatever the key holds, and wakes the key's waiting duplicates as [`RELEASE`] does.
-/// Returns 1 if something was there.
+/// Frees a reservation as [`RELEASE`] does, or deletes a record. Returns 1 if something was
+/// there.
 const PURGE: &str = r"
-local deleted = redis.call('DEL', KEYS[1])
-if deleted == 1 then
-  redis.pcall('SPUBLISH', KEYS[1], '')
+local current = redis.call('GET', KEYS[1])
+if not current or string.sub(current, 1, 1) == 'f' then
+  return 0
 end
-return deleted
+local left = redis.call('PTTL', KEYS[1])
+if string.sub(current, 1, 1) == 'i' and left > 0 then
+  local owner = string.sub(current, 2, string.find(current, '|', 1, true))
+  redis.call('SET', KEYS[1], 'f' .. owner, 'PX', left)
+else
+  redis.call('DEL', KEYS[1])
+end
+redis.pcall('SPUBLISH', KEYS[1], '')
+return 1
 ";
 
 const IN_FLIGHT: u8 = b'i';

@@ -158,6 +158,11 @@ impl PostgresStore {
                 .map_err(backend)?;
             // Gone between the two statements (completed and expired, or freed): claim again.
             let Some(held) = held else { continue };
+            // The same reservation asked for again (its first answer was lost): it is ours.
+            let owner: Option<i64> = held.try_get(4).map_err(backend)?;
+            if owner == Some(token_value(token)) {
+                return Ok(Reservation::Acquired);
+            }
             return Ok(read_holder(&held));
         }
         Err(StoreError::Corrupt(format!(
@@ -189,7 +194,16 @@ impl PostgresStore {
                 Renewal::Restored
             });
         }
-        if claim(&mut connection, &sql.claim, key, token, fingerprint, lease).await? {
+        if claim(
+            &mut connection,
+            &sql.restore,
+            key,
+            token,
+            fingerprint,
+            lease,
+        )
+        .await?
+        {
             return Ok(Renewal::Restored);
         }
         Ok(Renewal::Lost)
@@ -314,6 +328,7 @@ async fn complete_on(
         .bind(encoded.as_slice())
         .bind(record.fingerprint.0.as_slice())
         .bind(millis(ttl))
+        .bind(token_value(token))
         .fetch_optional(&mut *connection)
         .await
         .map_err(backend)?;

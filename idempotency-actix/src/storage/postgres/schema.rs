@@ -33,14 +33,18 @@ pub(super) struct Statements {
     /// Claims a free or expired key: $1 key, $2 token, $3 fingerprint, $4 lease ms. A row back
     /// means acquired.
     pub(super) claim: String,
-    /// What holds a live key: state, fingerprint, record, remaining lease in ms.
+    /// As `claim`, for a renewal that makes a lost reservation again: never over the owner's
+    /// own freed reservation.
+    pub(super) restore: String,
+    /// What holds a live key: state, fingerprint, record, remaining lease in ms, token.
     pub(super) look: String,
     /// Extends the reservation of $2 on $1 to $3 ms; a row back says whether it was still live.
     pub(super) extend: String,
     /// Completes the reservation of $2 on $1 with record $3 for $4 ms; a row back says
     /// whether the reservation was still live.
     pub(super) complete_ours: String,
-    /// Stores record $2 (fingerprint $3) for $4 ms in a free or expired key $1.
+    /// Stores record $2 (fingerprint $3) for $4 ms in a free or expired key $1, unless it is
+    /// the freed reservation of $5.
     pub(super) complete_empty: String,
     /// Whether key $1 holds exactly record $2 (a repeated completion).
     pub(super) holds_record: String,
@@ -69,8 +73,16 @@ fn schema_for(table: &str) -> String {
 
 const IN: &str = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
 
+/// A reservation freed (released or purged) before its lease's end keeps its row until then,
+/// with `expires_at` moved to the moment it was freed: free for everyone, but never made again
+/// by its old owner. (A live or lapsed reservation has `expires_at = lease_until`.)
+const FREED: &str = "(r.state = 'in_flight' AND r.token = TOKEN \
+     AND r.lease_until > r.expires_at AND r.lease_until > clock_timestamp())";
+
 impl Statements {
     pub(super) fn for_table(table: &str) -> Self {
+        let freed_by_excluded = FREED.replace("TOKEN", "EXCLUDED.token");
+        let freed_by_5 = FREED.replace("TOKEN", "$5");
         Self {
             schema: schema_for(table),
             claim: format!(
@@ -83,15 +95,27 @@ impl Statements {
                  WHERE r.expires_at <= clock_timestamp() \
                  RETURNING true"
             ),
+            restore: format!(
+                "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
+                 VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
+                 ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
+                   fingerprint = EXCLUDED.fingerprint, record = NULL, \
+                   lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
+                   created_at = now() \
+                 WHERE r.expires_at <= clock_timestamp() AND NOT {freed_by_excluded} \
+                 RETURNING true"
+            ),
             look: format!(
                 "SELECT state, fingerprint, record, \
-                   GREATEST(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000, 0)::float8 \
+                   GREATEST(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000, 0)::float8, \
+                   token \
                  FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
             ),
             extend: format!(
                 "UPDATE {table} AS r SET lease_until = {in3}, expires_at = {in3} \
                  FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
-                       WHERE key = $1 AND state = 'in_flight' AND token = $2 FOR UPDATE) AS old \
+                       WHERE key = $1 AND state = 'in_flight' AND token = $2 \
+                         AND lease_until <= expires_at FOR UPDATE) AS old \
                  WHERE r.key = old.key RETURNING old.live",
                 in3 = IN.replace("$4", "$3")
             ),
@@ -99,7 +123,8 @@ impl Statements {
                 "UPDATE {table} AS r SET state = 'completed', token = NULL, record = $3, \
                    lease_until = NULL, expires_at = {IN} \
                  FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
-                       WHERE key = $1 AND state = 'in_flight' AND token = $2 FOR UPDATE) AS old \
+                       WHERE key = $1 AND state = 'in_flight' AND token = $2 \
+                         AND lease_until <= expires_at FOR UPDATE) AS old \
                  WHERE r.key = old.key RETURNING old.live"
             ),
             complete_empty: format!(
@@ -108,7 +133,7 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET state = 'completed', token = NULL, \
                    fingerprint = EXCLUDED.fingerprint, record = EXCLUDED.record, \
                    lease_until = NULL, expires_at = EXCLUDED.expires_at, created_at = now() \
-                 WHERE r.expires_at <= clock_timestamp() \
+                 WHERE r.expires_at <= clock_timestamp() AND NOT {freed_by_5} \
                  RETURNING true"
             ),
             holds_record: format!(
@@ -116,14 +141,25 @@ impl Statements {
                  WHERE key = $1 AND state = 'completed' AND expires_at > clock_timestamp()"
             ),
             release: format!(
-                "DELETE FROM {table} WHERE key = $1 AND state = 'in_flight' AND token = $2"
+                "UPDATE {table} SET expires_at = clock_timestamp() \
+                 WHERE key = $1 AND state = 'in_flight' AND token = $2 \
+                   AND expires_at > clock_timestamp()"
             ),
             purge: format!(
-                "DELETE FROM {table} WHERE key = $1 RETURNING expires_at > clock_timestamp()"
+                "WITH freed AS (\
+                   UPDATE {table} SET expires_at = clock_timestamp() \
+                   WHERE key = $1 AND state = 'in_flight' AND expires_at > clock_timestamp() \
+                   RETURNING true), \
+                 deleted AS (\
+                   DELETE FROM {table} WHERE key = $1 AND state = 'completed' \
+                   RETURNING expires_at > clock_timestamp() AS live) \
+                 SELECT EXISTS (SELECT 1 FROM freed) \
+                   OR COALESCE((SELECT bool_or(live) FROM deleted), false)"
             ),
             expire: format!(
                 "DELETE FROM {table} WHERE key IN (\
                    SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
+                     AND (lease_until IS NULL OR lease_until <= clock_timestamp()) \
                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
         }
