@@ -21,6 +21,7 @@ use std::{
         mpsc, Arc,
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use actix_web::{
@@ -254,6 +255,51 @@ pub async fn redis_answers(url: &str) -> bool {
         .query_async::<String>(&mut connection)
         .await
         .is_ok()
+}
+
+/// Deletes, when dropped, every key under a prefix on a Redis server: the tests leave nothing in
+/// the Redis they share (records, counters, freed reservations).
+#[derive(Debug)]
+pub struct RedisCleanup {
+    url: String,
+    prefix: String,
+}
+
+impl RedisCleanup {
+    /// Cleans up the keys under `prefix` on the Redis at `url` when dropped.
+    pub fn new(url: &str, prefix: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn delete_prefixed(&self) -> redis::RedisResult<usize> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        use redis::Commands;
+        let keys: Vec<String> = connection
+            .scan_match::<_, String>(format!("{}*", self.prefix))?
+            .collect();
+        let mut deleted = 0;
+        for batch in keys.chunks(500) {
+            deleted += redis::cmd("DEL")
+                .arg(batch)
+                .query::<usize>(&mut connection)?;
+        }
+        Ok(deleted)
+    }
+}
+
+impl Drop for RedisCleanup {
+    fn drop(&mut self) {
+        if let Err(error) = self.delete_prefixed() {
+            eprintln!(
+                "could not delete the test keys under {}: {error}",
+                self.prefix
+            );
+        }
+    }
 }
 
 /// A key prefix no other test (or earlier run) uses.

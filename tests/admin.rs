@@ -14,7 +14,7 @@ use idempotency_actix_workspace::{
     admin::{admin_routes, AdminAccess},
     orders::{routes, Orders},
     postgres::{postgres_url_or_skip, FreshDatabase},
-    redis_url_or_skip, respond, unique_prefix, Received,
+    redis_url_or_skip, respond, unique_prefix, Received, RedisCleanup,
 };
 use serde_json::json;
 
@@ -180,6 +180,7 @@ async fn admin_routes_find_and_purge_keys_on_redis() {
         return;
     };
     let prefix = unique_prefix(test);
+    let _cleanup = RedisCleanup::new(&url, &prefix);
     let orders = Orders::shared(&url, &format!("{prefix}next-order-id"))
         .await
         .unwrap_or_else(|e| panic!("orders: {e}"));

@@ -5,7 +5,7 @@ use idempotency_actix::{IdempotencyMiddleware, MemoryStore, RedisStore};
 use idempotency_actix_workspace::{
     orders::{routes, Orders},
     post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedisCluster, Received,
-    TestServer,
+    RedisCleanup, TestServer,
 };
 use serde_json::json;
 
@@ -102,6 +102,7 @@ async fn two_demo_servers_on_one_redis_behave_as_one() {
         return;
     };
     let prefix = unique_prefix("demo");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
     let orders = Orders::shared(&url, &format!("{prefix}next-order-id"))
         .await
         .unwrap_or_else(|e| panic!("orders: {e}"));

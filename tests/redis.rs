@@ -14,7 +14,7 @@ use idempotency_actix::{
 };
 use idempotency_actix_workspace::{
     post_keyed, redis_url_or_skip, respond, unique_prefix, PrivateRedis, PrivateRedisCluster,
-    Received, Runs, TestServer,
+    Received, RedisCleanup, Runs, TestServer,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -61,6 +61,15 @@ impl SharedRedis {
                 .key_prefix(prefix)
                 .build()
                 .unwrap_or_else(|e| panic!("store: {e}")),
+        }
+    }
+
+    /// Deletes the keys under `prefix` when dropped, on the shared server (a private cluster
+    /// goes with its test).
+    fn cleanup(&self, prefix: &str) -> Option<RedisCleanup> {
+        match self {
+            Self::Node(url) => Some(RedisCleanup::new(url, prefix)),
+            Self::Cluster(_) => None,
         }
     }
 
@@ -119,6 +128,7 @@ async fn two_instances_on_a_redis_cluster_run_a_handler_once() {
 /// and replay from the other instance.
 async fn two_instances_run_a_handler_once(redis: &SharedRedis) {
     let prefix = unique_prefix("two-instances");
+    let _cleanup = redis.cleanup(&prefix);
     let runs = Runs::default();
     let (first, second) = (
         instance(redis, &prefix, &runs),
@@ -198,6 +208,7 @@ async fn the_lock_spans_instances_with_its_timeout_status() {
         return;
     };
     let prefix = unique_prefix("lock-across");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
     let runs = Runs::default();
     let locked = |url: &str| {
         IdempotencyMiddleware::builder(store(url, &prefix))
@@ -388,6 +399,7 @@ async fn on_a_redis_cluster_a_fresh_request_costs_two_round_trips_and_a_replay_o
 
 async fn fresh_requests_cost_two_round_trips_and_replays_one(redis: &SharedRedis) {
     let prefix = unique_prefix("round-trips");
+    let _cleanup = redis.cleanup(&prefix);
     let runs = Runs::default();
     let server = instance(redis, &prefix, &runs);
     let client = reqwest::Client::new();
@@ -469,6 +481,7 @@ async fn duplicate_lag(
 /// wake-up), where polling every 5–50 ms asks six times or more.
 async fn duplicates_are_answered_as_soon_as_the_first_finishes(redis: &SharedRedis) {
     let prefix = unique_prefix("woken");
+    let _cleanup = redis.cleanup(&prefix);
     let runs = Runs::default();
     let (first, second) = (
         instance(redis, &prefix, &runs),

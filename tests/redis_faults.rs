@@ -20,7 +20,7 @@ use idempotency_actix_workspace::{
         check_a_handler_slower_than_its_lease, check_durations_past_the_clock, fresh_client,
         work_server,
     },
-    PrivateRedis, Received, Runs, TestServer,
+    PrivateRedis, Received, RedisCleanup, Runs, TestServer,
 };
 use tokio::sync::Barrier;
 
@@ -71,7 +71,9 @@ async fn a_handler_slower_than_its_lease_runs_once_on_redis() {
     let Some(url) = redis_url_or_skip(test).await else {
         return;
     };
-    check_a_handler_slower_than_its_lease(store(&url, &unique_prefix("slow-lease"))).await;
+    let prefix = unique_prefix("slow-lease");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
+    check_a_handler_slower_than_its_lease(store(&url, &prefix)).await;
 }
 
 /// A record that cannot be read (corrupt, or from another record format) answers 409
@@ -83,6 +85,7 @@ async fn unreadable_records_are_answered_409_and_never_run_again() {
         return;
     };
     let prefix = unique_prefix("unreadable");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
     let runs = Runs::default();
     let closed = server(
         IdempotencyMiddleware::builder(store(&url, &prefix)),
@@ -350,6 +353,7 @@ async fn a_killed_instance_frees_its_key_after_one_lease() {
         return;
     };
     let prefix = unique_prefix("crash");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
     let lease = Duration::from_millis(1500);
     let mut doomed = Instance::start(&url, &prefix, lease);
     let survivor = Instance::start(&url, &prefix, lease);
@@ -398,5 +402,7 @@ async fn durations_past_the_clock_work_on_redis() {
     let Some(url) = redis_url_or_skip(test).await else {
         return;
     };
-    check_durations_past_the_clock(store(&url, &unique_prefix("durations"))).await;
+    let prefix = unique_prefix("durations");
+    let _cleanup = RedisCleanup::new(&url, &prefix);
+    check_durations_past_the_clock(store(&url, &prefix)).await;
 }

@@ -790,18 +790,42 @@ mod tests {
         None
     }
 
-    /// Runs the store conformance suite on stores from `builder`, each under its own prefix.
-    async fn keeps_the_store_contract(builder: impl Fn() -> RedisStoreBuilder) {
-        let run = RandomState::new().build_hasher().finish();
+    /// Runs the store conformance suite on stores from `builder`, each under its own prefix;
+    /// returns what those prefixes start with.
+    async fn keeps_the_store_contract(builder: impl Fn() -> RedisStoreBuilder) -> String {
+        let run = format!("test:conformance:{}:", RandomState::new().build_hasher().finish());
         let counter = AtomicU64::new(0);
         conformance::run_all(|| {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             builder()
-                .key_prefix(format!("test:conformance:{run}:{n}:"))
+                .key_prefix(format!("{run}{n}:"))
                 .build()
                 .unwrap_or_else(|e| panic!("store: {e}"))
         })
         .await;
+        run
+    }
+
+    /// Deletes what a test left under `prefix` on the shared Redis at `url`.
+    async fn delete_prefixed(url: &str, prefix: &str) {
+        let deleted = async {
+            let client = redis::Client::open(url)?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query_async(&mut connection)
+                .await?;
+            for batch in keys.chunks(500) {
+                redis::cmd("DEL")
+                    .arg(batch)
+                    .query_async::<()>(&mut connection)
+                    .await?;
+            }
+            redis::RedisResult::Ok(())
+        };
+        if let Err(error) = deleted.await {
+            eprintln!("could not delete the test keys under {prefix}: {error}");
+        }
     }
 
     #[actix_rt::test]
@@ -809,7 +833,8 @@ mod tests {
         let Some(url) = test_redis_url().await else {
             return;
         };
-        keeps_the_store_contract(|| RedisStore::builder(&url)).await;
+        let prefix = keeps_the_store_contract(|| RedisStore::builder(&url)).await;
+        delete_prefixed(&url, &prefix).await;
     }
 
     #[cfg(feature = "redis-cluster")]
@@ -910,8 +935,9 @@ mod tests {
             return;
         };
         let prefix = format!("test:wake:{}:", RandomState::new().build_hasher().finish());
-        let store = RedisStore::builder(&url).key_prefix(prefix).build();
+        let store = RedisStore::builder(&url).key_prefix(prefix.clone()).build();
         wakes_waiting_duplicates(store.unwrap_or_else(|e| panic!("store: {e}"))).await;
+        delete_prefixed(&url, &prefix).await;
     }
 
     #[cfg(feature = "redis-cluster")]
