@@ -190,3 +190,64 @@ async fn the_span_names_the_route_pattern_not_the_path() {
         "{spans:?}"
     );
 }
+
+/// Counts the events at ERROR level.
+#[derive(Debug, Default, Clone)]
+struct Errors(Arc<Mutex<usize>>);
+
+impl<S: Subscriber> Layer<S> for Errors {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::ERROR {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        }
+    }
+}
+
+/// Requests cannot flood the log: hundreds of invented methods and paths, with and without a
+/// key, on routes with a misconfigured policy or none, leave at most one error line per setup
+/// mistake.
+#[actix_rt::test]
+async fn requests_cannot_flood_the_log_with_setup_errors() {
+    let errors = Errors::default();
+    let subscriber = tracing_subscriber::registry().with(errors.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(MemoryStore::builder().build()))
+            .route(
+                "/anything/{id}",
+                web::route().to(actix_web::HttpResponse::Ok),
+            )
+            .service(
+                // Two policies on one route: a setup mistake, said once.
+                web::resource("/twice/{id}")
+                    .wrap(IdempotencyPolicy::required())
+                    .wrap(IdempotencyPolicy::required())
+                    .route(web::route().to(actix_web::HttpResponse::Ok)),
+            ),
+    )
+    .await;
+    for n in 0..300 {
+        let method = actix_web::http::Method::from_bytes(format!("INVENTED-{n}").as_bytes())
+            .unwrap_or_else(|e| panic!("method: {e}"));
+        for path in [
+            format!("/anything/{n}"),
+            format!("/twice/{n}"),
+            format!("/nope/{n}"),
+        ] {
+            let mut request = test::TestRequest::default()
+                .method(method.clone())
+                .uri(&path);
+            if n % 2 == 0 {
+                request = request.insert_header(("Idempotency-Key", format!("k{n}")));
+            }
+            let _ = respond(&app, request.to_request()).await;
+        }
+    }
+    let logged = *errors.0.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(
+        logged, 1,
+        "one line for the one setup mistake, for 900 requests"
+    );
+}

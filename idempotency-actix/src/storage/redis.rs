@@ -793,7 +793,10 @@ mod tests {
     /// Runs the store conformance suite on stores from `builder`, each under its own prefix;
     /// returns what those prefixes start with.
     async fn keeps_the_store_contract(builder: impl Fn() -> RedisStoreBuilder) -> String {
-        let run = format!("test:conformance:{}:", RandomState::new().build_hasher().finish());
+        let run = format!(
+            "test:conformance:{}:",
+            RandomState::new().build_hasher().finish()
+        );
         let counter = AtomicU64::new(0);
         conformance::run_all(|| {
             let n = counter.fetch_add(1, Ordering::Relaxed);
