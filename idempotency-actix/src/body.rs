@@ -109,7 +109,8 @@ impl<B: MessageBody> MessageBody for RecordingBody<B> {
             Some(Err(_)) => this.report(Recorded::Failed),
             None => {
                 let recorded = match this.copy.take() {
-                    Some(copy) => Recorded::Whole(copy.freeze()),
+                    // Exactly its length: the buffer grew by doubling.
+                    Some(copy) => Recorded::Whole(Bytes::copy_from_slice(&copy)),
                     None => Recorded::TooLarge,
                 };
                 this.report(recorded);

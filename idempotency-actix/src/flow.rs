@@ -561,10 +561,13 @@ impl PendingRecord {
         let body = match body.try_into_bytes() {
             Ok(bytes) => {
                 let fits = bytes.len() <= limit;
+                // The record gets a copy of its own: the body may be a slice of a larger buffer
+                // (a handler echoing what `web::Bytes` read into an 8 KiB one), which a record
+                // holding the slice would keep whole, past what the store weighs.
                 let stored = || {
                     fits.then(|| {
                         let headers = replayable_headers(head.headers(), set_cookie);
-                        StoredResponse::new(status, headers, bytes.clone())
+                        StoredResponse::new(status, headers, Bytes::copy_from_slice(&bytes))
                     })
                 };
                 if let Err(refusal) = self.complete(stored).await {
