@@ -858,6 +858,78 @@ mod tests {
         );
     }
 
+    /// Waits whose deadline falls at any moment, while the subscription is being made
+    /// included, leave no subscription behind: subscriptions are bounded by the keys waited on.
+    #[actix_rt::test]
+    async fn waits_cut_short_leave_no_subscription_behind() {
+        let Some(url) = test_redis_url().await else {
+            return;
+        };
+        let prefix = format!(
+            "test:cut-short:{}:",
+            RandomState::new().build_hasher().finish()
+        );
+        let store = RedisStore::builder(&url)
+            .key_prefix(prefix.clone())
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"));
+        let lease = Duration::from_secs(30);
+        let owner = ReservationToken::generate();
+        for n in 0..400u64 {
+            let key = format!("k{n}");
+            let reserved = store
+                .reserve(&key, owner, Fingerprint([7; 32]), lease)
+                .await;
+            assert!(
+                matches!(reserved, Ok(Reservation::Acquired)),
+                "{reserved:?}"
+            );
+            // Deadlines from 0 to ~2 ms: some fall before, some while, some after SSUBSCRIBE.
+            let cut = Duration::from_micros(n * 5);
+            let _ = tokio::time::timeout(cut, store.wait_for_change(&key, Duration::from_secs(5)))
+                .await;
+        }
+        let channels = || async {
+            let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+            let mut connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            redis::cmd("PUBSUB")
+                .arg("SHARDCHANNELS")
+                .arg(format!("{prefix}*"))
+                .query_async::<Vec<String>>(&mut connection)
+                .await
+                .unwrap_or_else(|e| panic!("PUBSUB: {e}"))
+        };
+        // The check sees a subscription that is there: a wait still under way.
+        let live = actix_rt::spawn({
+            let store = store.clone();
+            async move { store.wait_for_change("k0", Duration::from_secs(5)).await }
+        });
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+        let seen = channels().await;
+        assert!(
+            seen.contains(&format!("{prefix}k0")),
+            "the live wait's subscription: {seen:?}"
+        );
+        live.abort();
+        let mut left = channels().await;
+        for _ in 0..20 {
+            if left.is_empty() {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+            left = channels().await;
+        }
+        delete_prefixed(&url, &prefix).await;
+        assert!(
+            left.is_empty(),
+            "{} subscriptions left behind: {left:?}",
+            left.len()
+        );
+    }
+
     /// A duplicate waiting on a key is woken by the owner's completion or release, and finds
     /// an end that came before it subscribed; the key's subscription ends with its waiters.
     async fn wakes_waiting_duplicates(store: RedisStore) {

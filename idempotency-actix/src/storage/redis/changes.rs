@@ -169,9 +169,17 @@ struct Channel {
     /// How many requests wait; changed only under [`Waiting::channels`]' lock.
     waiters: AtomicUsize,
     woken: Notify,
-    /// The epoch whose connection holds the subscription, if any. Held while subscribing or
-    /// unsubscribing, so that the commands for one key reach Redis in order.
-    subscribed_in: tokio::sync::Mutex<Option<u64>>,
+    /// The subscription, if one may exist. Held while subscribing or unsubscribing, so that
+    /// the commands for one key reach Redis in order.
+    subscribed_in: tokio::sync::Mutex<Option<Subscription>>,
+}
+
+/// A key's subscription on the subscriber's connection of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Subscription {
+    epoch: u64,
+    /// Redis answered the `SSUBSCRIBE`; until then it may or may not have taken effect.
+    confirmed: bool,
 }
 
 /// A request waiting on a key; the key's subscription is dropped with its last waiter.
@@ -202,13 +210,24 @@ impl Registration {
     async fn subscribe(&self) -> Result<(), StoreError> {
         let mut subscribed_in = self.channel.subscribed_in.lock().await;
         let epoch = self.waiting.epoch.load(Ordering::SeqCst);
-        if *subscribed_in != Some(epoch) {
+        let confirmed = Subscription {
+            epoch,
+            confirmed: true,
+        };
+        if *subscribed_in != Some(confirmed) {
+            // Recorded before the command goes out: a wait cut short while it is under way
+            // (its deadline fell) still leaves the key to unsubscribe from, not a subscription
+            // Redis keeps for as long as the connection lives.
+            *subscribed_in = Some(Subscription {
+                epoch,
+                confirmed: false,
+            });
             redis::cmd("SSUBSCRIBE")
                 .arg(&self.name)
                 .exec_async(&mut self.subscriber.clone())
                 .await
                 .map_err(backend)?;
-            *subscribed_in = Some(epoch);
+            *subscribed_in = Some(confirmed);
         }
         Ok(())
     }
