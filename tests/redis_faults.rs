@@ -406,3 +406,44 @@ async fn durations_past_the_clock_work_on_redis() {
     let _cleanup = RedisCleanup::new(&url, &prefix);
     check_durations_past_the_clock(store(&url, &prefix)).await;
 }
+
+/// A "Redis" that accepts connections and never answers, as one behind a dead route does.
+fn silent_server() -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let accepting = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(64).flatten() {
+            held.push(stream);
+        }
+    });
+    (address, accepting)
+}
+
+/// An instance started while Redis does not answer: each keyed request gets its 503 within the
+/// store's timeouts, the tenth as soon as the first (a failed reservation on a store that never
+/// connected has nothing to free, so no background release queues up behind the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_instance_answers_every_request_within_its_timeouts_during_an_outage() {
+    let (address, _accepting) = silent_server();
+    let store = store(&format!("redis://{address}"), "cold:");
+    let runs = Runs::default();
+    let server = server(IdempotencyMiddleware::builder(store), &runs, Duration::ZERO);
+    let mut took = Vec::new();
+    for n in 0..10 {
+        let started = Instant::now();
+        let answer = post_keyed(
+            &fresh_client(),
+            &server.url("/work"),
+            &format!("cold-{n}"),
+            "{}",
+        )
+        .await;
+        took.push(started.elapsed());
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
+    }
+    // Connecting and one command, 300 ms each, and some room for a loaded machine.
+    let slowest = took.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_millis(1500), "{took:?}");
+    assert_eq!(runs.count(), 0);
+}

@@ -666,6 +666,14 @@ impl PendingRecord {
             }
             Err(error) => error,
         };
+        let Some(slot) = self.store.background_slot() else {
+            tracing::error!(
+                "idempotency: could not store a response ({error}), and too many are being \
+                 retried already; once its reservation expires, a retry of this key runs the \
+                 handler again"
+            );
+            return Ok(());
+        };
         tracing::warn!("idempotency: could not store a response, retrying: {error}");
         let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
         let lease = self.config.reservation_lease;
@@ -673,6 +681,7 @@ impl PendingRecord {
         let record = record();
         actix_web::rt::spawn(
             async move {
+                let _slot = slot;
                 let stored = renewal
                     .during(retry_within(lease, || {
                         store.complete(&key, token, record.clone(), ttl)

@@ -11,7 +11,7 @@
 use std::{
     any::Any,
     future::Future,
-    sync::Arc,
+    sync::{atomic::AtomicUsize, Arc},
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,8 @@ use tracing::Span;
 
 use crate::{
     storage::{
-        CompletedRecord, Completion, DynStore, KeyState, Renewal, Reservation, ReservationToken,
+        BackgroundSlot, CompletedRecord, Completion, DynStore, KeyState, Renewal, Reservation,
+        ReservationToken,
     },
     Fingerprint, IdempotencyError, IdempotencyStore, StoreError,
 };
@@ -188,11 +189,16 @@ pub(crate) fn record_outcome(span: &Span, outcome: Outcome) {
 /// A store with every operation timed and counted.
 pub(crate) struct Observed<S> {
     inner: S,
+    /// Its jobs in the background under way.
+    background: Arc<AtomicUsize>,
 }
 
 impl<S: IdempotencyStore> Observed<S> {
     pub(crate) fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            background: Arc::default(),
+        }
     }
 }
 
@@ -305,6 +311,10 @@ impl<S: IdempotencyStore> DynStore for Observed<S> {
 
     fn as_any(&self) -> &dyn Any {
         &self.inner
+    }
+
+    fn background_slot(&self) -> Option<BackgroundSlot> {
+        BackgroundSlot::take(&self.background)
     }
 }
 

@@ -175,7 +175,12 @@ pub(crate) fn release_in_background(
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
+    let Some(slot) = store.background_slot() else {
+        tracing::debug!("idempotency: too many keys being freed at once; this one's lease will");
+        return;
+    };
     actix_web::rt::spawn(async move {
+        let _slot = slot;
         let released = retry_within(lease, || store.release(&key, token)).await;
         if let Err(error) = released {
             tracing::error!("idempotency: could not free a key (its lease will): {error}");

@@ -1,6 +1,14 @@
 //! The storage trait every backend implements.
 
-use std::{any::Any, future::Future, time::Duration};
+use std::{
+    any::Any,
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures_util::future::LocalBoxFuture;
 
@@ -167,6 +175,37 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     /// The store itself, for an extractor that works only with its own kind of store.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     fn as_any(&self) -> &dyn Any;
+
+    /// A slot for one job in the background on this store (freeing a key, retrying a
+    /// completion), or `None` when as many as a store runs at once are under way.
+    fn background_slot(&self) -> Option<BackgroundSlot>;
+}
+
+/// How many jobs in the background one store runs at once: during an outage, every failed
+/// request would start one; past this many, a job is left to the lease instead.
+const MOST_BACKGROUND_JOBS: usize = 1024;
+
+/// A job in the background on a store, counted while it runs.
+#[derive(Debug)]
+pub(crate) struct BackgroundSlot(Option<Arc<AtomicUsize>>);
+
+impl BackgroundSlot {
+    /// A slot among the `running` jobs of one store, if there is room.
+    pub(crate) fn take(running: &Arc<AtomicUsize>) -> Option<Self> {
+        if running.fetch_add(1, Ordering::AcqRel) >= MOST_BACKGROUND_JOBS {
+            running.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Some(Arc::clone(running))))
+    }
+}
+
+impl Drop for BackgroundSlot {
+    fn drop(&mut self) {
+        if let Some(running) = self.0.take() {
+            running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl<S: IdempotencyStore> DynStore for S {
@@ -241,5 +280,28 @@ impl<S: IdempotencyStore> DynStore for S {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn background_slot(&self) -> Option<BackgroundSlot> {
+        // Not counted: the middleware holds its stores observed, which count.
+        Some(BackgroundSlot(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_jobs_are_bounded_per_store_and_counted_while_they_run() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let slots: Vec<_> = (0..MOST_BACKGROUND_JOBS)
+            .map(|_| BackgroundSlot::take(&running))
+            .collect();
+        assert!(slots.iter().all(Option::is_some));
+        assert!(BackgroundSlot::take(&running).is_none(), "one too many");
+        drop(slots);
+        assert_eq!(running.load(Ordering::Acquire), 0);
+        assert!(BackgroundSlot::take(&running).is_some());
     }
 }

@@ -20,8 +20,8 @@ pub use self::postgres::{
 };
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
-pub(crate) use interface::DynStore;
 pub use interface::IdempotencyStore;
+pub(crate) use interface::{BackgroundSlot, DynStore};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use record::{
     CompletedRecord, Completion, KeyState, Renewal, Reservation, ReservationToken, StoredResponse,

@@ -297,18 +297,26 @@ impl RedisStore {
         ))
     }
 
+    /// The store's connection, made on first use. A request waits for it no longer than the
+    /// connection timeout, whoever is making it: requests during an outage answer in that time,
+    /// the first as the tenth, instead of queueing behind attempt after attempt.
     async fn connection(&self) -> Result<Connection, StoreError> {
         let inner = &self.inner;
-        let connection = inner
-            .connection
-            .get_or_try_init(|| async {
-                let connection = inner.target.connect(inner.timeouts).await?;
-                warn_about_unsafe_settings(&connection).await;
-                Ok(connection)
-            })
-            .await
-            .map_err(backend)?;
-        Ok(connection.clone())
+        let made = inner.connection.get_or_try_init(|| async {
+            let connection = inner.target.connect(inner.timeouts).await?;
+            warn_about_unsafe_settings(&connection).await;
+            Ok(connection)
+        });
+        match tokio::time::timeout(inner.timeouts.connection, made).await {
+            Ok(made) => made.cloned().map_err(backend),
+            Err(_elapsed) => Err(StoreError::Backend(
+                format!(
+                    "no connection to Redis within {:?}",
+                    inner.timeouts.connection
+                )
+                .into(),
+            )),
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -409,6 +417,11 @@ impl RedisStore {
     }
 
     async fn release_key(&self, key: &str, token: ReservationToken) -> Result<(), StoreError> {
+        // A store that never connected holds no reservation: nothing to free, and no attempt
+        // to connect that new requests would wait behind.
+        if !self.inner.connection.initialized() {
+            return Ok(());
+        }
         let mut connection = self.connection().await?;
         let _released: i64 = self
             .inner

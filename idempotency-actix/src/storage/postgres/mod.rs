@@ -93,6 +93,7 @@ impl PostgresStore {
             max_connections: 10,
             statement_connections: 4,
             acquire_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(5),
         }
     }
 
@@ -427,6 +428,7 @@ pub struct PostgresStoreBuilder {
     max_connections: u32,
     statement_connections: u32,
     acquire_timeout: Duration,
+    statement_timeout: Duration,
 }
 
 impl PostgresStoreBuilder {
@@ -472,6 +474,16 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// How long one of the store's own statements may run (PostgreSQL's `statement_timeout`
+    /// on its connections) before the request gets the store-outage answer: a table locked by
+    /// a migration, a stuck database, never a request that hangs.
+    ///
+    /// Defaults to 5 seconds.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
     /// Checks the settings and builds the store. No connection is made until the first use.
     ///
     /// Must run inside a Tokio runtime (the pool starts its upkeep task there).
@@ -490,10 +502,16 @@ impl PostgresStoreBuilder {
                 .connect_lazy(&url)
                 .map_err(backend)?,
         };
+        let timeout_ms = self.statement_timeout.as_millis().max(1).to_string();
         let statements = PgPoolOptions::new()
             .max_connections(self.statement_connections)
             .acquire_timeout(self.acquire_timeout)
-            .connect_lazy_with(pool.connect_options().as_ref().clone());
+            .connect_lazy_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("statement_timeout", timeout_ms.as_str())]),
+            );
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,

@@ -148,3 +148,49 @@ async fn an_unreachable_database_is_a_backend_error_not_a_panic() {
         "{reserved:?}"
     );
 }
+
+/// A table locked by someone else (a migration) makes the store's statements give up after
+/// the statement timeout: the request gets its outage answer, it does not hang.
+#[actix_rt::test]
+async fn a_locked_table_is_an_error_after_the_statement_timeout() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let table = format!("{schema}.keys");
+    let store = PostgresStore::builder(&url)
+        .table(&table)
+        .statement_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    store
+        .ensure_schema()
+        .await
+        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let mut migration = PgConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut migration)
+    .await
+    .unwrap_or_else(|e| panic!("lock: {e}"));
+    let started = std::time::Instant::now();
+    let reserved = store
+        .reserve(
+            "k",
+            ReservationToken::generate(),
+            Fingerprint([7; 32]),
+            Duration::from_secs(30),
+        )
+        .await;
+    let took = started.elapsed();
+    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut migration).await;
+    drop_schema(&url, &schema).await;
+    assert!(
+        matches!(reserved, Err(StoreError::Backend(_))),
+        "{reserved:?}"
+    );
+    assert!(took < Duration::from_secs(2), "it waited {took:?}");
+}
