@@ -53,6 +53,9 @@ where
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let mut fields = Fields::default();
         attrs.record(&mut fields);
+        fields
+            .0
+            .push(("level".to_owned(), attrs.metadata().level().to_string()));
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(fields);
         }
@@ -139,6 +142,10 @@ async fn each_keyed_request_has_a_span_with_its_outcome_and_no_key_in_clear() {
         "one short digest follows the key through its requests: {keys:?}"
     );
     assert!(spans.iter().all(|span| span.get("method") == Some("POST")));
+    assert!(
+        spans.iter().all(|span| span.get("level") == Some("DEBUG")),
+        "one span per request belongs at DEBUG, not in an INFO log: {spans:?}"
+    );
     let everything = format!(
         "{spans:?}{:?}",
         recorded.events.lock().unwrap_or_else(|e| e.into_inner())

@@ -93,12 +93,11 @@ impl ScopeAtSettling {
         let route = request.match_pattern().unwrap_or_default();
         if self.latches.latch(route.clone()) {
             tracing::error!(
-                "idempotency: the caller scope of {} {route} changed after its key was settled: \
-                 an authentication middleware runs further in than the idempotency middleware \
-                 (or the route's policy). Its keyed requests are refused (500 misconfigured) \
-                 from now on. Register IdempotencyMiddleware first, inside the authentication \
-                 (on its scope), or mark the route #[idempotent]",
-                request.method(),
+                "idempotency: the caller scope of the route {route} changed after a key was \
+                 settled: an authentication middleware runs further in than the idempotency \
+                 middleware (or the route's policy). Its keyed requests are refused (500 \
+                 misconfigured) from now on. Register IdempotencyMiddleware first, inside the \
+                 authentication, or mark the route #[idempotent]"
             );
         }
         true
