@@ -734,3 +734,52 @@ async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
         .is_some_and(|t| t.ends_with("#response-not-replayable")));
     assert_eq!(runs.count(), 2, "the Option handler never ran again");
 }
+
+/// Takes its transaction and a JSON body.
+#[idempotent]
+#[post("/json-write")]
+async fn json_write(
+    runs: web::Data<Runs>,
+    mut tx: IdempotentTransaction,
+    body: web::Json<serde_json::Value>,
+) -> HttpResponse {
+    let run = runs.record();
+    let _ = sqlx::query("SELECT 1").execute(&mut *tx).await;
+    HttpResponse::Created().json(json!({ "run": run, "body": body.into_inner() }))
+}
+
+/// A body the handler's other extractor refuses: the handler never ran, so its transaction
+/// decided nothing. The 400 is neither a 500 nor kept for the key's retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extractor_refusal_beside_the_transaction_is_not_kept() {
+    let test = "an_extractor_refusal_beside_the_transaction";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = database.store().await;
+    let runs = Runs::default();
+    let idempotency = IdempotencyMiddleware::new(store);
+    let data = web::Data::new(runs.clone());
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(data.clone())
+            .service(json_write)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+    for _ in 0..2 {
+        let refused = post_keyed(
+            &fresh_client(),
+            &server.url("/json-write"),
+            "j",
+            "{not json",
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{refused:?}");
+        assert!(!refused.is_replay(), "{refused:?}");
+    }
+    let ran = post_keyed(&fresh_client(), &server.url("/json-write"), "j2", "{}").await;
+    assert_eq!(ran.status, StatusCode::CREATED, "{ran:?}");
+    assert_eq!(runs.count(), 1);
+}

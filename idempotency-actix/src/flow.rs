@@ -744,7 +744,7 @@ impl PendingRecord {
     /// commits with its record, rather than being rolled back under a response that says it
     /// happened. Elsewhere, the configured statuses.
     fn is_kept(&self, status: actix_web::http::StatusCode) -> bool {
-        self.config.is_storable(status) || (self.active.is_joined() && !status.is_server_error())
+        self.config.is_storable(status) || (self.active.was_used() && !status.is_server_error())
     }
 
     /// The handler's transaction could not be begun. If the handler ran all the same (it took

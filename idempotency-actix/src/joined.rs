@@ -24,6 +24,10 @@ pub(crate) trait JoinedWork {
     /// the record cannot be written (another request took the key), rolls both back and says
     /// [`Completion::LostReservation`]. An error means nothing was committed, or the commit's
     /// outcome is unknown.
+    /// Whether the handler used it: a unit of work lent to a handler that never ran (another
+    /// of its extractors failed) decided nothing.
+    fn used(&self) -> bool;
+
     fn commit_with_record(
         self: Box<Self>,
         key: String,
@@ -105,6 +109,23 @@ impl ActiveReservation {
     /// Whether a unit of work was lent, returned or not.
     pub(crate) fn is_joined(&self) -> bool {
         matches!(*self.lending.borrow(), Lending::Lent | Lending::Returned(_))
+    }
+
+    /// Whether the handler wrote in the unit of work it was lent (or still holds it).
+    pub(crate) fn was_used(&self) -> bool {
+        match &*self.lending.borrow() {
+            Lending::Lent => true,
+            Lending::Returned(work) => work.used(),
+            Lending::None | Lending::Failed => false,
+        }
+    }
+
+    /// Takes back a loan that never reached the handler (its extraction was dropped half-way).
+    pub(crate) fn unlend(&self) {
+        let mut lending = self.lending.borrow_mut();
+        if matches!(*lending, Lending::Lent) {
+            *lending = Lending::None;
+        }
     }
 
     /// Takes what the handler did with its unit of work, once.

@@ -209,6 +209,11 @@ impl MemoryStore {
         let mut locked = self.in_flight.lock(key);
         match locked.get(key) {
             Some(freed) if freed.freed_for(token, now) => Renewal::Lost,
+            // Freed, and its lease over since: the key is free, made again like any lost one.
+            Some(ours) if ours.token == token && ours.freed => {
+                locked.put(key, in_flight(token, fingerprint, now, lease), now);
+                Renewal::Restored
+            }
             Some(ours) if ours.token == token => {
                 let renewal = if ours.is_live(now) {
                     Renewal::Renewed
@@ -312,8 +317,8 @@ impl MemoryStore {
         let ended = {
             let locked = self.in_flight.lock(key);
             match locked.get(key) {
-                Some(owner) => Arc::clone(&owner.ended),
-                None => return,
+                Some(owner) if !owner.freed => Arc::clone(&owner.ended),
+                _ => return,
             }
         };
         // Registered before the lock is taken again: an end after this point is not missed,
@@ -325,7 +330,7 @@ impl MemoryStore {
             .in_flight
             .lock(key)
             .get(key)
-            .is_some_and(|owner| Arc::ptr_eq(&owner.ended, &ended));
+            .is_some_and(|owner| !owner.freed && Arc::ptr_eq(&owner.ended, &ended));
         if still_held {
             let _ = tokio::time::timeout(within, notified).await;
         }

@@ -208,6 +208,8 @@ struct Inner {
     target: Target,
     timeouts: Timeouts,
     connection: OnceCell<Connection>,
+    /// Whether the server's settings were checked (once, after the first connection).
+    settings_checked: std::sync::atomic::AtomicBool,
     changes: Changes,
     prefix: String,
     reserve: Script,
@@ -298,25 +300,33 @@ impl RedisStore {
     }
 
     /// The store's connection, made on first use. A request waits for it no longer than the
-    /// connection timeout, whoever is making it: requests during an outage answer in that time,
-    /// the first as the tenth, instead of queueing behind attempt after attempt.
+    /// connection and response timeouts together, whoever is making it: requests during an
+    /// outage answer in that time, the first as the tenth, instead of queueing behind attempt
+    /// after attempt. (Making the connection is bounded by the same timeouts, so a wait cut
+    /// short only ends an attempt that was failing.) The server's settings are checked apart,
+    /// once connected, so that a slow check never delays a request.
     async fn connection(&self) -> Result<Connection, StoreError> {
         let inner = &self.inner;
-        let made = inner.connection.get_or_try_init(|| async {
-            let connection = inner.target.connect(inner.timeouts).await?;
-            warn_about_unsafe_settings(&connection).await;
-            Ok(connection)
-        });
-        match tokio::time::timeout(inner.timeouts.connection, made).await {
-            Ok(made) => made.cloned().map_err(backend),
-            Err(_elapsed) => Err(StoreError::Backend(
-                format!(
-                    "no connection to Redis within {:?}",
-                    inner.timeouts.connection
-                )
-                .into(),
-            )),
+        let made = inner
+            .connection
+            .get_or_try_init(|| inner.target.connect(inner.timeouts));
+        let within = inner.timeouts.connection + inner.timeouts.response;
+        let connection = match tokio::time::timeout(within, made).await {
+            Ok(made) => made.cloned().map_err(backend)?,
+            Err(_elapsed) => {
+                return Err(StoreError::Backend(
+                    format!("no connection to Redis within {within:?}").into(),
+                ))
+            }
+        };
+        if !inner
+            .settings_checked
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            let checked = connection.clone();
+            tokio::spawn(async move { warn_about_unsafe_settings(&checked).await });
         }
+        Ok(connection)
     }
 
     fn key(&self, key: &str) -> String {
@@ -647,6 +657,7 @@ impl RedisStoreBuilder {
                     response: self.response_timeout,
                 },
                 connection: OnceCell::new(),
+                settings_checked: std::sync::atomic::AtomicBool::new(false),
                 changes: Changes::new(),
                 prefix: self.prefix,
                 reserve: Script::new(RESERVE),

@@ -76,8 +76,16 @@ const IN: &str = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
 /// A reservation freed (released or purged) before its lease's end keeps its row until then,
 /// with `expires_at` moved to the moment it was freed: free for everyone, but never made again
 /// by its old owner. (A live or lapsed reservation has `expires_at = lease_until`.)
+///
+/// The two are each computed from `clock_timestamp()`, which moves between them within one
+/// statement: the test allows a millisecond, where a freed reservation differs by what was
+/// left of its lease.
 const FREED: &str = "(r.state = 'in_flight' AND r.token = TOKEN \
-     AND r.lease_until > r.expires_at AND r.lease_until > clock_timestamp())";
+     AND r.lease_until > r.expires_at + interval '1 millisecond' \
+     AND r.lease_until > clock_timestamp())";
+
+/// The same test, on the row a statement reads without an alias.
+const FREED_ROW: &str = "(lease_until > expires_at + interval '1 millisecond')";
 
 impl Statements {
     pub(super) fn for_table(table: &str) -> Self {
@@ -115,7 +123,7 @@ impl Statements {
                 "UPDATE {table} AS r SET lease_until = {in3}, expires_at = {in3} \
                  FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
                        WHERE key = $1 AND state = 'in_flight' AND token = $2 \
-                         AND lease_until <= expires_at FOR UPDATE) AS old \
+                         AND NOT {FREED_ROW} FOR UPDATE) AS old \
                  WHERE r.key = old.key RETURNING old.live",
                 in3 = IN.replace("$4", "$3")
             ),
@@ -124,7 +132,7 @@ impl Statements {
                    lease_until = NULL, expires_at = {IN} \
                  FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
                        WHERE key = $1 AND state = 'in_flight' AND token = $2 \
-                         AND lease_until <= expires_at FOR UPDATE) AS old \
+                         AND NOT {FREED_ROW} FOR UPDATE) AS old \
                  WHERE r.key = old.key RETURNING old.live"
             ),
             complete_empty: format!(

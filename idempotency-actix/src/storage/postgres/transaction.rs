@@ -82,6 +82,9 @@ use crate::{
 pub struct IdempotentTransaction {
     /// Always `Some` until the value is dropped, when it goes back to the reservation.
     transaction: Option<Transaction<'static, Postgres>>,
+    /// Whether the handler ran anything on it (borrowed it mutably): only then did it decide
+    /// what its answer commits.
+    used: bool,
     reservation: Rc<ActiveReservation>,
     store: PostgresStore,
 }
@@ -117,9 +120,15 @@ impl FromRequest for IdempotentTransaction {
                     "a request can have one IdempotentTransaction only",
                 ));
             }
-            match store.pool().begin().await {
+            // Another extractor of the handler may fail while this one waits for the
+            // database: actix-web then drops this future, and the loan never reached anyone.
+            let loan = Loan(Some(Rc::clone(&reservation)));
+            let begun = store.pool().begin().await;
+            loan.settled();
+            match begun {
                 Ok(transaction) => Ok(Self {
                     transaction: Some(transaction),
+                    used: false,
                     reservation,
                     store,
                 }),
@@ -205,6 +214,7 @@ impl Deref for IdempotentTransaction {
 
 impl DerefMut for IdempotentTransaction {
     fn deref_mut(&mut self) -> &mut PgConnection {
+        self.used = true;
         match &mut self.transaction {
             Some(transaction) => transaction,
             None => unreachable!("the transaction leaves only when it is dropped"),
@@ -217,8 +227,27 @@ impl Drop for IdempotentTransaction {
         if let Some(transaction) = self.transaction.take() {
             self.reservation.give_back(Box::new(Returned {
                 transaction: ShutdownSafe(Some(transaction)),
+                used: self.used,
                 store: self.store.clone(),
             }));
+        }
+    }
+}
+
+/// A transaction being begun for a handler: if its extraction is dropped before it ends, the
+/// loan is taken back.
+struct Loan(Option<Rc<ActiveReservation>>);
+
+impl Loan {
+    fn settled(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.0.take() {
+            reservation.unlend();
         }
     }
 }
@@ -226,14 +255,16 @@ impl Drop for IdempotentTransaction {
 /// The handler's transaction, handed back to be committed with the record.
 struct Returned {
     transaction: ShutdownSafe,
+    /// Whether the handler ran statements on it.
+    used: bool,
     store: PostgresStore,
 }
 
-/// A transaction that, dropped where no Tokio runtime runs any more (a worker torn down by a
-/// shutdown that did not wait for its requests), is left to the closing of its connection:
-/// sqlx hands a dropped connection back to its pool from a new task, which needs a runtime,
-/// and would panic. The database rolls the transaction back when the connection closes, and
-/// the key is left as a crash would leave it.
+/// A transaction that can be dropped where no Tokio runtime runs any more (a worker torn down
+/// by a shutdown that did not wait for its requests): sqlx hands a dropped connection back to
+/// its pool from a new task, which needs a runtime, and would panic there. It is dropped in a
+/// runtime of its own instead, shut down at once, which closes the connection: the database
+/// rolls the transaction back, and the key is left as a crash would leave it.
 struct ShutdownSafe(Option<Transaction<'static, Postgres>>);
 
 impl ShutdownSafe {
@@ -252,15 +283,25 @@ fn ended_already() -> StoreError {
 
 impl Drop for ShutdownSafe {
     fn drop(&mut self) {
-        if let Some(transaction) = self.0.take() {
-            if tokio::runtime::Handle::try_current().is_err() {
-                std::mem::forget(transaction);
-            }
+        let Some(transaction) = self.0.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(runtime) => runtime.block_on(async move { drop(transaction) }),
+            // No runtime to be had: the connection stays open until the process ends.
+            Err(_) => std::mem::forget(transaction),
         }
     }
 }
 
 impl JoinedWork for Returned {
+    fn used(&self) -> bool {
+        self.used
+    }
+
     fn commit_with_record(
         self: Box<Self>,
         key: String,
@@ -271,6 +312,7 @@ impl JoinedWork for Returned {
         let Self {
             mut transaction,
             store,
+            ..
         } = *self;
         Box::pin(async move {
             let sql = &store.inner.sql;
