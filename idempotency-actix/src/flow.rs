@@ -2,6 +2,7 @@
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     rc::Rc,
     sync::Arc,
@@ -13,9 +14,9 @@ use actix_web::{
     body::{BoxBody, EitherBody, MessageBody},
     dev::{Payload, ServiceResponse},
     http::header::{HeaderMap, CONTENT_TYPE},
-    rt::task::JoinHandle,
     Error, HttpResponse,
 };
+use futures_util::{future::LocalBoxFuture, FutureExt};
 use sha2::{Digest, Sha256};
 use tracing::{instrument::Instrumented, Instrument, Span};
 
@@ -397,39 +398,69 @@ where
     spawn_detached(pending.run(handler)).await
 }
 
-/// Starts `work` in a task of its own at once, so that a request dropped half-way (a client
-/// gone, an outer timeout) does not cancel it; a panic in it becomes a 500.
+/// Runs `work` as part of the request, and moves it into a task of its own if the request is
+/// dropped half-way (a client gone, an outer timeout), so that it is not cancelled; a panic in
+/// it becomes a 500. Most requests finish where they run: no task is spawned for them.
 pub(crate) fn spawn_detached<F, T>(work: F) -> Detached<T>
 where
     F: Future<Output = Result<T, Error>> + 'static,
     T: 'static,
 {
     Detached {
-        task: actix_web::rt::spawn(work),
+        work: Some(Box::pin(AssertUnwindSafe(work).catch_unwind())),
     }
 }
 
-/// The result of a keyed request that runs in a task of its own; dropping it leaves the
-/// request running. (The future of [`InnerIdempotencyMiddleware`](crate::dev::InnerIdempotencyMiddleware).)
-#[derive(Debug)]
-pub struct Detached<T> {
-    task: JoinHandle<Result<T, Error>>,
+/// The result of a keyed request that must run to its end: dropping it before then moves the
+/// rest of the work into a task of its own. (The future of
+/// [`InnerIdempotencyMiddleware`](crate::dev::InnerIdempotencyMiddleware).)
+pub struct Detached<T: 'static> {
+    work: Option<LocalBoxFuture<'static, std::thread::Result<Result<T, Error>>>>,
 }
 
-impl<T> Future for Detached<T> {
+impl<T: 'static> std::fmt::Debug for Detached<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detached")
+            .field("running", &self.work.is_some())
+            .finish()
+    }
+}
+
+impl<T: 'static> Future for Detached<T> {
     type Output = Result<T, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(Pin::new(&mut self.task).poll(cx)) {
+        let Some(work) = self.work.as_mut() else {
+            return Poll::Ready(Err(actix_web::error::ErrorInternalServerError(
+                "the request was already answered",
+            )));
+        };
+        let finished = ready!(work.as_mut().poll(cx));
+        self.work = None;
+        Poll::Ready(match finished {
             Ok(result) => result,
-            Err(error) => {
-                // The handler panicked; unwinding dropped its reservation, which frees the key.
-                tracing::error!("idempotency: the handler of a keyed request panicked: {error}");
+            Err(_panic) => {
+                // Unwinding dropped its reservation, which frees the key.
+                tracing::error!("idempotency: the handler of a keyed request panicked");
                 Err(actix_web::error::ErrorInternalServerError(
                     "the handler panicked",
                 ))
             }
         })
+    }
+}
+
+impl<T: 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        // Outside a runtime (one shutting down) the work ends here, as a crash would end it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(actix_web::rt::spawn(async move {
+                let _finished = work.await;
+            }));
+        }
     }
 }
 
