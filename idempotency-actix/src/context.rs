@@ -54,8 +54,8 @@ pub(crate) struct RouteSlot {
     default_run: RefCell<Option<PendingRecord>>,
     /// Whether a route policy settles the key (a second one on the route is a mistake).
     policy_applied: Cell<bool>,
-    /// Whether the middleware already runs the routed request in a task of its own, so that a
-    /// route policy need not spawn another.
+    /// Whether the middleware already makes the routed request's work outlive it, so that a
+    /// route policy need not do it again.
     pub(crate) detached: Cell<bool>,
 }
 

@@ -373,13 +373,14 @@ impl Operation {
     }
 }
 
-/// Runs the handler; with a reservation, to completion in its own task, storing its response.
+/// Runs the handler; with a reservation, to completion, storing its response.
 ///
-/// The task outlives the request: a client that disconnects mid-way does not cancel the
-/// handler, so its retry gets the replay instead of a second, possibly half-done, run.
+/// The work outlives the request (see [`spawn_detached`]): a client that disconnects mid-way
+/// does not cancel the handler, so its retry gets the replay instead of a second, possibly
+/// half-done, run.
 ///
-/// `detached` says the caller already runs in a task of its own (the app-level middleware
-/// spawned the routed request), so no second task is needed.
+/// `detached` says the caller's work already outlives its request (the app-level middleware
+/// runs the routed request that way), so nothing more is needed.
 pub(crate) async fn run_handler<F, B>(
     pending: Option<PendingRecord>,
     handler: F,

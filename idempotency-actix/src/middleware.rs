@@ -180,7 +180,7 @@ fn refuse_per_worker_stores(config: &Config) -> Result<(), &'static str> {
 
 type MapIntoLeft<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
 type BoxedResponse<B> = LocalBoxFuture<'static, Result<ServiceResponse<EitherBody<B>>, Error>>;
-/// A keyed request routed in a task of its own.
+/// A keyed request routed so that its work outlives it.
 type Detached<B> = flow::Detached<ServiceResponse<EitherBody<B>>>;
 
 /// The service behind [`IdempotencyMiddleware`](crate::IdempotencyMiddleware); not used directly.
@@ -255,9 +255,9 @@ where
         let route = self.config.default_latches.route_to_check(req.request());
         slot.hold(req.take_payload());
         req.set_payload(slot.stand_in());
-        // A keyed request's handler runs in a task of its own (unless an outer registration
-        // already runs it in one): a client that goes away does not cancel it half-way, and
-        // its retry gets the replay.
+        // A keyed request's work outlives the request (unless an outer registration already
+        // sees to that): a client that goes away does not cancel it half-way, and its retry
+        // gets the replay.
         slot.detached.set(keyed || outer.detached);
         // Routing runs now, synchronously: a route that declares a policy claims the slot.
         let routed = self.service.call(req);
@@ -278,7 +278,7 @@ where
 
 /// What a registration further out left for this one.
 struct Outer {
-    /// It already runs the request in a task of its own.
+    /// It already makes the request's work outlive the request.
     detached: bool,
     /// Its default's reservation, made before this registration was reached.
     superseded: Option<PendingRecord>,
