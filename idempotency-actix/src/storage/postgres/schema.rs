@@ -91,28 +91,23 @@ impl Statements {
     pub(super) fn for_table(table: &str) -> Self {
         let freed_by_excluded = FREED.replace("TOKEN", "EXCLUDED.token");
         let freed_by_5 = FREED.replace("TOKEN", "$5");
+        let claim = format!(
+            "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
+             VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
+             ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
+               fingerprint = EXCLUDED.fingerprint, record = NULL, \
+               lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
+               created_at = now() \
+             WHERE r.expires_at <= clock_timestamp() \
+             RETURNING true"
+        );
         Self {
             schema: schema_for(table),
-            claim: format!(
-                "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
-                 VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
-                 ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
-                   fingerprint = EXCLUDED.fingerprint, record = NULL, \
-                   lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
-                   created_at = now() \
-                 WHERE r.expires_at <= clock_timestamp() \
-                 RETURNING true"
+            restore: claim.replace(
+                "WHERE r.expires_at <= clock_timestamp()",
+                &format!("WHERE r.expires_at <= clock_timestamp() AND NOT {freed_by_excluded}"),
             ),
-            restore: format!(
-                "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
-                 VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
-                 ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
-                   fingerprint = EXCLUDED.fingerprint, record = NULL, \
-                   lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
-                   created_at = now() \
-                 WHERE r.expires_at <= clock_timestamp() AND NOT {freed_by_excluded} \
-                 RETURNING true"
-            ),
+            claim,
             look: format!(
                 "SELECT state, fingerprint, record, \
                    GREATEST(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000, 0)::float8, \
