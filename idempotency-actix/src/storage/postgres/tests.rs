@@ -31,8 +31,16 @@ async fn drop_schema(url: &str, schema: &str) {
 }
 
 async fn store_on(url: &str, table: &str) -> PostgresStore {
-    let store = PostgresStore::builder(url)
-        .table(table)
+    store_on_with(url, table, |builder| builder).await
+}
+
+/// A store on `table`, configured by `configure`, with its schema.
+async fn store_on_with(
+    url: &str,
+    table: &str,
+    configure: impl FnOnce(PostgresStoreBuilder) -> PostgresStoreBuilder,
+) -> PostgresStore {
+    let store = configure(PostgresStore::builder(url).table(table))
         .build()
         .unwrap_or_else(|e| panic!("store: {e}"));
     store
@@ -158,15 +166,10 @@ async fn a_locked_table_is_an_error_after_the_statement_timeout() {
     };
     let schema = fresh_schema(&url).await;
     let table = format!("{schema}.keys");
-    let store = PostgresStore::builder(&url)
-        .table(&table)
-        .statement_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap_or_else(|e| panic!("store: {e}"));
-    store
-        .ensure_schema()
-        .await
-        .unwrap_or_else(|e| panic!("schema: {e}"));
+    let store = store_on_with(&url, &table, |builder| {
+        builder.statement_timeout(Duration::from_millis(300))
+    })
+    .await;
     let mut migration = PgConnection::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"));
