@@ -59,15 +59,6 @@ pub(crate) struct RouteSlot {
     pub(crate) detached: Cell<bool>,
 }
 
-/// What a route (or a registration further in) gets when it claims a request.
-pub(crate) struct Claim {
-    /// The body to put back in the request, unless an earlier claim already did.
-    pub(crate) payload: Option<Payload>,
-    /// The default's reservation, made before this route was reached: the claimer frees it
-    /// before it settles the key itself.
-    pub(crate) superseded: Option<PendingRecord>,
-}
-
 impl RouteSlot {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         Self {
@@ -80,15 +71,18 @@ impl RouteSlot {
         }
     }
 
-    /// Declares that the route settles the key itself.
-    pub(crate) fn claim(&self) -> Claim {
+    /// Declares that the route of `req` settles the key itself, and puts the body back in
+    /// `req` (unless an earlier claim did). Returns the default's reservation if the default
+    /// settled the request before this route was reached: the claimer frees it before it
+    /// settles the key itself.
+    pub(crate) fn claim(&self, req: &mut ServiceRequest) -> Option<PendingRecord> {
         if self.settler.replace(Settler::Route) == Settler::Default {
             self.config.report_deferred_routing();
         }
-        Claim {
-            payload: self.held.borrow_mut().take(),
-            superseded: self.default_run.borrow_mut().take(),
+        if let Some(payload) = self.held.borrow_mut().take() {
+            req.set_payload(payload);
         }
+        self.default_run.borrow_mut().take()
     }
 
     /// Records that a route policy settles the key; `false` if one already does.

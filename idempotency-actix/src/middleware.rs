@@ -294,13 +294,9 @@ fn take_over_from_outer(req: &mut ServiceRequest) -> Outer {
             superseded: None,
         };
     };
-    let claim = outer.claim();
-    if let Some(payload) = claim.payload {
-        req.set_payload(payload);
-    }
     Outer {
         detached: outer.detached.get(),
-        superseded: claim.superseded,
+        superseded: outer.claim(req),
     }
 }
 

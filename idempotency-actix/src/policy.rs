@@ -213,13 +213,10 @@ where
                 "IdempotencyMiddleware is not registered on the app",
             );
         };
-        let claim = slot.claim();
-        if let Some(payload) = claim.payload {
-            req.set_payload(payload);
-        }
+        let superseded = slot.claim(&mut req);
         let keyed = match (self.policy.settles, self.policy.kind) {
             (false, _) | (true, PolicyKind::Exempt) => {
-                return match claim.superseded {
+                return match superseded {
                     None => Either::Left(self.service.call(req).map_ok(pass_through)),
                     Some(superseded) => {
                         let service = Rc::clone(&self.service);
@@ -262,7 +259,7 @@ where
             route: self.latches.route_to_check(req.request()),
         };
         Either::Right(Box::pin(async move {
-            if let Some(superseded) = claim.superseded {
+            if let Some(superseded) = superseded {
                 superseded.abandon().await;
             }
             let payload = req.take_payload();
