@@ -131,7 +131,22 @@ async fn write_effect(effects: web::Data<Effects>, mut tx: IdempotentTransaction
 }
 
 async fn effects_server(database: &FreshDatabase, effects: Effects) -> (TestServer, PostgresStore) {
-    let store = database.store().await;
+    effects_server_on(database.store().await, effects).await
+}
+
+/// The effects server on a store reserving by lease only, as before keys were held by
+/// transactions (and as `reserve_in_transactions(false)` still does).
+async fn lease_effects_server(
+    database: &FreshDatabase,
+    effects: Effects,
+) -> (TestServer, PostgresStore) {
+    let store = database
+        .store_with(|builder| builder.reserve_in_transactions(false))
+        .await;
+    effects_server_on(store, effects).await
+}
+
+async fn effects_server_on(store: PostgresStore, effects: Effects) -> (TestServer, PostgresStore) {
     sqlx::raw_sql("CREATE TABLE effects (run bigint NOT NULL)")
         .execute(store.pool())
         .await
@@ -191,7 +206,7 @@ async fn a_handler_whose_key_was_taken_over_commits_nothing() {
     };
     let database = FreshDatabase::create(&url, test).await;
     let effects = Effects::new(false, Duration::from_millis(400));
-    let (server, store) = effects_server(&database, effects).await;
+    let (server, store) = lease_effects_server(&database, effects).await;
 
     let running = tokio::spawn({
         let url = server.url("/effects");
@@ -249,7 +264,9 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let lease = Duration::from_millis(1000);
+    // A lease far longer than the test may wait: the key is held by the dead process's
+    // transaction, not by a lease, and is free as soon as the database sees it gone.
+    let lease = Duration::from_secs(60);
     let environment = [
         ("IDEMPOTENCY_DATABASE_URL", database.url()),
         ("IDEMPOTENCY_LEASE_MS", lease.as_millis().to_string()),
@@ -308,8 +325,8 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
             break retry;
         }
         assert!(
-            killed.elapsed() < lease * 5,
-            "the key was never freed: {retry:?}"
+            killed.elapsed() < Duration::from_secs(3),
+            "the key stayed held after its process died: {retry:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -676,6 +693,9 @@ async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
             builder
                 .max_connections(1)
                 .acquire_timeout(Duration::from_millis(300))
+                // Reserving in the transaction, nothing runs before it begins: see
+                // `a_key_held_by_its_transaction_never_runs_without_it`.
+                .reserve_in_transactions(false)
         })
         .await;
     let runs = Runs::default();
@@ -782,4 +802,125 @@ async fn an_extractor_refusal_beside_the_transaction_is_not_kept() {
     let ran = post_keyed(&fresh_client(), &server.url("/json-write"), "j2", "{}").await;
     assert_eq!(ran.status, StatusCode::CREATED, "{ran:?}");
     assert_eq!(runs.count(), 1);
+}
+
+/// A route whose handler takes its transaction has its key held by that transaction: nothing
+/// is committed for the key while the handler runs, concurrent duplicates never run it, and
+/// the one commit holds both the handler's row and the record that replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_by_its_transaction_commits_once_with_its_record() {
+    let test = "a_key_held_by_its_transaction_commits_once";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let effects = Effects::new(false, Duration::from_millis(500));
+    let runs = effects.runs.clone();
+    let (server, _store) = effects_server(&database, effects).await;
+
+    let first = tokio::spawn({
+        let url = server.url("/effects");
+        async move { post_keyed(&fresh_client(), &url, "held", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        database
+            .number("SELECT count(*) FROM idempotency_keys")
+            .await,
+        0,
+        "the running handler's key is held by its transaction, not by a committed row"
+    );
+    let duplicates = join_all((0..8).map(|_| {
+        let url = server.url("/effects");
+        async move { post_keyed(&fresh_client(), &url, "held", "{}").await }
+    }))
+    .await;
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    for duplicate in &duplicates {
+        assert!(
+            duplicate.status == StatusCode::CONFLICT
+                || (duplicate.is_replay() && duplicate.body == first.body),
+            "{duplicate:?}"
+        );
+    }
+    let replay = post_keyed(&fresh_client(), &server.url("/effects"), "held", "{}").await;
+    assert!(replay.is_replay(), "{replay:?}");
+    assert_eq!(replay.body, first.body);
+    let other_payload = post_keyed(
+        &fresh_client(),
+        &server.url("/effects"),
+        "held",
+        r#"{"x":1}"#,
+    )
+    .await;
+    assert_eq!(other_payload.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.count(), 1, "a duplicate ran the handler");
+    assert_eq!(database.number("SELECT count(*) FROM effects").await, 1);
+}
+
+/// With every connection held, a route whose key would be reserved in its transaction cannot
+/// reserve it: it answers 503 before its handler runs, whatever way the handler takes the
+/// transaction, and the retries run once each, in their transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_by_its_transaction_never_runs_without_it() {
+    let test = "a_key_held_by_its_transaction_never_runs_without_it";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let store = database
+        .store_with(|builder| {
+            builder
+                .max_connections(1)
+                .acquire_timeout(Duration::from_millis(300))
+        })
+        .await;
+    let runs = Runs::default();
+    let idempotency = IdempotencyMiddleware::new(store);
+    let (data, hold) = (
+        web::Data::new(runs.clone()),
+        web::Data::new(Hold(Duration::from_millis(1500))),
+    );
+    let server = TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(data.clone())
+            .app_data(hold.clone())
+            .service(hold_a_connection)
+            .service(option_fallback)
+            .service(maybe)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"));
+
+    let holder = tokio::spawn({
+        let url = server.url("/hold");
+        async move { post_keyed(&fresh_client(), &url, "holder", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (path, key) in [("/maybe", "m"), ("/option-fallback", "o")] {
+        let refused = post_keyed(&fresh_client(), &server.url(path), key, "{}").await;
+        assert_eq!(
+            refused.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{refused:?}"
+        );
+    }
+    assert_eq!(runs.count(), 0, "a handler ran without its transaction");
+    let _ = holder.await;
+
+    let maybe_retried = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
+    assert_eq!(
+        maybe_retried.body, "run 1, joined: true",
+        "{maybe_retried:?}"
+    );
+    let option_retried =
+        post_keyed(&fresh_client(), &server.url("/option-fallback"), "o", "{}").await;
+    assert_eq!(
+        option_retried.body, "run 2, joined: true",
+        "{option_retried:?}"
+    );
+    let replayed = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
+    assert!(replayed.is_replay(), "{replayed:?}");
+    assert_eq!(runs.count(), 2);
 }

@@ -4,6 +4,7 @@
 # Redis when it answers), measured in one run with interleaved rounds, then the ratios.
 #
 #   bash benches/load/run.sh     # ROUNDS=5 SLICES=6 SLICE=1s CONNECTIONS=32 by default
+#   ONLY=pg bash benches/load/run.sh   # the PostgreSQL cases only
 #
 # Installs wrk (Debian package) if missing and builds the server in release mode.
 set -euo pipefail
@@ -14,6 +15,7 @@ SLICES="${SLICES:-6}"
 SLICE="${SLICE:-1s}"
 CONNECTIONS="${CONNECTIONS:-32}"
 REDIS_URL="${IDEMPOTENCY_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+DATABASE_URL="${IDEMPOTENCY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 here=benches/load
 
 if ! command -v wrk >/dev/null 2>&1; then
@@ -38,7 +40,7 @@ trap 'stop_server; rm -rf "$work"' EXIT
 # Starts a fresh server (empty stores), so that every round measures the same conditions: a
 # fresh-key round would otherwise pay for a table grown by all the rounds before it.
 start_server() {
-  BENCH_REDIS_URL="$REDIS_URL" $pin_server target/release/bench_server >"$work/servers" 2>"$work/server.log" &
+  BENCH_REDIS_URL="$REDIS_URL" BENCH_DATABASE_URL="$DATABASE_URL" $pin_server target/release/bench_server >"$work/servers" 2>"$work/server.log" &
   server=$!
   for _ in $(seq 1 100); do grep -q '^ready' "$work/servers" 2>/dev/null && break; sleep 0.1; done
   grep -q '^ready' "$work/servers" || { cat "$work/server.log"; exit 1; }
@@ -52,6 +54,18 @@ if [ -n "$(url redis)" ]; then
   cases+=("redis_fresh redis /orders fresh" "redis_replay redis /orders replay")
 else
   echo "(no Redis at $REDIS_URL: the Redis cases are skipped)"
+fi
+if [ -n "$(url postgres)" ]; then
+  cases+=("pg_bare pg_bare /orders fresh" "pg_fresh postgres /orders fresh"
+          "pg_replay postgres /orders replay" "pg_lease_fresh postgres_lease /orders fresh"
+          "pg_lease_replay postgres_lease /orders replay")
+else
+  echo "(no PostgreSQL at $DATABASE_URL: the PostgreSQL cases are skipped)"
+fi
+if [ -n "${ONLY:-}" ]; then
+  # ONLY=pg keeps the cases whose name starts with it, and the bare ones they are measured by.
+  kept=(); for case in "${cases[@]}"; do case "$case" in "$ONLY"*|bare\ *) kept+=("$case");; esac; done
+  cases=("${kept[@]}")
 fi
 stop_server
 
@@ -111,11 +125,19 @@ ratio() {
         printf "spread %s %.2f-%.2f over %d rounds\n", n, v[1], v[NR], NR >> spread }' \
       spread="$work/spread"
 }
-ratio fresh_memory memory_fresh bare
-ratio replay_memory memory_replay bare
-ratio exempt memory_exempt bare_exempt
+if [ -s "$work/memory_fresh" ]; then
+  ratio fresh_memory memory_fresh bare
+  ratio replay_memory memory_replay bare
+fi
+if [ -s "$work/memory_exempt" ]; then ratio exempt memory_exempt bare_exempt; fi
 if [ -s "$work/redis_fresh" ]; then
   ratio fresh_redis redis_fresh bare
   ratio replay_redis redis_replay bare
+fi
+if [ -s "$work/pg_fresh" ]; then
+  ratio fresh_postgres pg_fresh pg_bare
+  ratio replay_postgres pg_replay pg_bare
+  ratio fresh_postgres_lease pg_lease_fresh pg_bare
+  ratio replay_postgres_lease pg_lease_replay pg_bare
 fi
 cat "$work/spread"

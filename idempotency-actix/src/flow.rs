@@ -25,7 +25,7 @@ use crate::{
     config::{Config, StoreOutage},
     context::RequestFacts,
     encoder::KeyParts,
-    joined::{ActiveReservation, Joined, JoinedWork},
+    joined::{reserve_in_transaction, ActiveReservation, Joined, JoinedWork},
     manual::{ManualIdempotency, PriorResponse},
     observe::{keyed_request_span, record_key, record_outcome, Outcome},
     replay::{replay_response, replayable_headers},
@@ -64,6 +64,9 @@ pub(crate) struct SettlePoint {
     pub(crate) latches: Arc<ScopeLatches>,
     /// The route whose latch to check ([`ScopeLatches::route_to_check`]).
     pub(crate) route: Option<String>,
+    /// The handler takes a transaction from the store: a store that can reserves the key in
+    /// that transaction ([`IdempotencyPolicy::in_transaction`](crate::IdempotencyPolicy::in_transaction)).
+    pub(crate) in_transaction: bool,
 }
 
 /// The outcome of [`start`].
@@ -112,6 +115,7 @@ async fn decide(
         store: store_name,
         latches,
         route,
+        in_transaction,
     } = point;
     let header = || config.header.as_str().to_owned();
     let key = match std::mem::replace(&mut facts.key, Ok(None)) {
@@ -160,6 +164,7 @@ async fn decide(
         store,
         manual: policy == KeyedPolicy::Manual,
         scope: ScopeAtSettling::new(facts.scope.take(), latches, route),
+        in_transaction,
     };
     record_key(&Span::current(), &operation.storage_key);
     operation.settle(&config).await
@@ -209,6 +214,8 @@ struct Operation {
     store: Arc<dyn DynStore>,
     manual: bool,
     scope: ScopeAtSettling,
+    /// Reserve the key in the handler's transaction, where the store can.
+    in_transaction: bool,
 }
 
 impl Operation {
@@ -228,10 +235,26 @@ impl Operation {
             }
             let unanswered =
                 UnansweredReservation::arm(&self.store, &self.storage_key, token, lease);
-            let reservation = self
-                .store
-                .reserve(&self.storage_key, token, self.fingerprint, lease)
-                .await;
+            let mut held_by = None;
+            let in_transaction = self.in_transaction.then(|| {
+                reserve_in_transaction(
+                    self.store.as_ref(),
+                    &self.storage_key,
+                    self.fingerprint,
+                    lease,
+                )
+            });
+            let reservation = match in_transaction.flatten() {
+                Some(reserving) => reserving.await.map(|(reservation, transaction)| {
+                    held_by = transaction;
+                    reservation
+                }),
+                None => {
+                    self.store
+                        .reserve(&self.storage_key, token, self.fingerprint, lease)
+                        .await
+                }
+            };
             let (in_flight_fingerprint, remaining_lease) = match reservation {
                 Err(error) => {
                     // A full store refused outright: nothing was written, nothing to free.
@@ -249,7 +272,7 @@ impl Operation {
                             fingerprint,
                             remaining_lease,
                         } => (fingerprint, remaining_lease),
-                        Reservation::Acquired => return self.run_reserved(config, token),
+                        Reservation::Acquired => return self.run_reserved(config, token, held_by),
                         Reservation::Completed(record) => return self.answer_from(&record, config),
                         Reservation::Unreadable { reason } => {
                             return self.answer_unreadable(config, &reason)
@@ -285,7 +308,14 @@ impl Operation {
         }
     }
 
-    fn run_reserved(self, config: &Arc<Config>, token: ReservationToken) -> Start {
+    /// Runs the handler under the reservation `token` holds, or under the transaction
+    /// `held_by` that holds the key.
+    fn run_reserved(
+        self,
+        config: &Arc<Config>,
+        token: ReservationToken,
+        held_by: Option<Box<dyn JoinedWork>>,
+    ) -> Start {
         decided(Outcome::Fresh);
         let manual = self
             .manual
@@ -297,6 +327,7 @@ impl Operation {
             token,
             self.fingerprint,
             self.scope,
+            held_by,
         );
         Start::Proceed {
             payload: Payload::from(self.body),
@@ -479,6 +510,9 @@ pub(crate) struct PendingRecord {
     replayable: bool,
     scope: ScopeAtSettling,
     active: Rc<ActiveReservation>,
+    /// The key is held by the handler's transaction, not by a reservation in the store: it is
+    /// freed by rolling that transaction back, and has no lease to renew.
+    held_by_transaction: bool,
     /// The request's span, for what is logged while settling.
     span: Span,
 }
@@ -491,17 +525,24 @@ impl PendingRecord {
         token: ReservationToken,
         fingerprint: Fingerprint,
         scope: ScopeAtSettling,
+        held_by: Option<Box<dyn JoinedWork>>,
     ) -> Self {
-        let renewal = Renewals::start(
-            Arc::clone(&store),
-            key.clone(),
-            token,
-            fingerprint,
-            config.reservation_lease,
-        );
+        let held_by_transaction = held_by.is_some();
+        let renewal = if held_by_transaction {
+            Renewals::none()
+        } else {
+            Renewals::start(
+                Arc::clone(&store),
+                key.clone(),
+                token,
+                fingerprint,
+                config.reservation_lease,
+            )
+        };
         Self {
             config: Arc::clone(config),
-            active: Rc::new(ActiveReservation::new(Arc::clone(&store))),
+            active: Rc::new(ActiveReservation::new(Arc::clone(&store), held_by)),
+            held_by_transaction,
             span: Span::current(),
             store,
             key,
@@ -816,8 +857,13 @@ impl PendingRecord {
 
     async fn release(&mut self) {
         // The handler's own transaction, if any, rolls back first.
-        drop(self.active.take());
+        if let Joined::Yes(work) = self.active.take() {
+            work.roll_back().await;
+        }
         self.stop_renewing();
+        if self.held_by_transaction {
+            return;
+        }
         let released = self.store.release(&self.key, self.token).await;
         if let Err(error) = released {
             tracing::warn!("idempotency: could not free a key, retrying: {error}");
@@ -876,7 +922,8 @@ fn log_completion(completion: Completion) {
 
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        if !self.settled {
+        // A transaction that holds the key frees it as it is dropped.
+        if !self.settled && !self.held_by_transaction {
             release_in_background(
                 Arc::clone(&self.store),
                 std::mem::take(&mut self.key),

@@ -14,20 +14,26 @@ use std::{any::Any, cell::RefCell, sync::Arc, time::Duration};
 use futures_util::future::LocalBoxFuture;
 
 use crate::{
-    storage::{CompletedRecord, Completion, DynStore, ReservationToken},
-    StoreError,
+    storage::{CompletedRecord, Completion, DynStore, Reservation, ReservationToken},
+    Fingerprint, StoreError,
 };
 
 /// A unit of work that can take a key's record and commit with it.
 pub(crate) trait JoinedWork {
-    /// Writes `record` for `key` (held by `token`) in this unit of work and commits both; when
-    /// the record cannot be written (another request took the key), rolls both back and says
-    /// [`Completion::LostReservation`]. An error means nothing was committed, or the commit's
-    /// outcome is unknown.
     /// Whether the handler used it: a unit of work lent to a handler that never ran (another
     /// of its extractors failed) decided nothing.
     fn used(&self) -> bool;
 
+    /// The store's own type, for its extractor to take back what it made.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+
+    /// Rolls it back: nothing the handler wrote in it happened.
+    fn roll_back(self: Box<Self>) -> LocalBoxFuture<'static, ()>;
+
+    /// Writes `record` for `key` (held by `token`) in this unit of work and commits both; when
+    /// the record cannot be written (another request took the key), rolls both back and says
+    /// [`Completion::LostReservation`]. An error means nothing was committed, or the commit's
+    /// outcome is unknown.
     fn commit_with_record(
         self: Box<Self>,
         key: String,
@@ -38,6 +44,9 @@ pub(crate) trait JoinedWork {
 }
 
 enum Lending {
+    /// The reservation itself is a unit of work (a transaction holding the key), begun before
+    /// the handler ran, for the handler to take.
+    Prepared(Box<dyn JoinedWork>),
     /// No unit of work was lent.
     None,
     /// The handler holds it.
@@ -69,10 +78,23 @@ pub(crate) struct ActiveReservation {
 }
 
 impl ActiveReservation {
-    pub(crate) fn new(store: Arc<dyn DynStore>) -> Self {
+    /// The reservation of a request, held in `store`, or by the unit of work `held_by`.
+    pub(crate) fn new(store: Arc<dyn DynStore>, held_by: Option<Box<dyn JoinedWork>>) -> Self {
         Self {
             store,
-            lending: RefCell::new(Lending::None),
+            lending: RefCell::new(held_by.map_or(Lending::None, Lending::Prepared)),
+        }
+    }
+
+    /// Lends the handler the unit of work that holds the key, if there is one.
+    pub(crate) fn lend_prepared(&self) -> Option<Box<dyn JoinedWork>> {
+        let mut lending = self.lending.borrow_mut();
+        if !matches!(*lending, Lending::Prepared(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut *lending, Lending::Lent) {
+            Lending::Prepared(work) => Some(work),
+            _ => None,
         }
     }
 
@@ -108,7 +130,10 @@ impl ActiveReservation {
 
     /// Whether a unit of work was lent, returned or not.
     pub(crate) fn is_joined(&self) -> bool {
-        matches!(*self.lending.borrow(), Lending::Lent | Lending::Returned(_))
+        matches!(
+            *self.lending.borrow(),
+            Lending::Lent | Lending::Returned(_) | Lending::Prepared(_)
+        )
     }
 
     /// Whether the handler wrote in the unit of work it was lent (or still holds it).
@@ -116,7 +141,7 @@ impl ActiveReservation {
         match &*self.lending.borrow() {
             Lending::Lent => true,
             Lending::Returned(work) => work.used(),
-            Lending::None | Lending::Failed => false,
+            Lending::None | Lending::Failed | Lending::Prepared(_) => false,
         }
     }
 
@@ -133,8 +158,32 @@ impl ActiveReservation {
         match std::mem::replace(&mut *self.lending.borrow_mut(), Lending::None) {
             Lending::None => Joined::No,
             Lending::Lent => Joined::StillLent,
-            Lending::Returned(work) => Joined::Yes(work),
+            Lending::Returned(work) | Lending::Prepared(work) => Joined::Yes(work),
             Lending::Failed => Joined::Failed,
         }
     }
+}
+
+/// A reservation and, when the store made it as a unit of work that holds the key (a
+/// transaction), that unit of work.
+pub(crate) type HeldReservation = (Reservation, Option<Box<dyn JoinedWork>>);
+
+/// Reserves `key` in a unit of work of the store's, where `store` can: the handler then writes
+/// in it, and the key is free again the moment it ends without its record (a rollback, a
+/// crash). `None` for a store that cannot.
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+pub(crate) fn reserve_in_transaction<'a>(
+    store: &'a dyn DynStore,
+    key: &'a str,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Option<LocalBoxFuture<'a, Result<HeldReservation, StoreError>>> {
+    #[cfg(feature = "postgres")]
+    if let Some(postgres) = store
+        .as_any()
+        .downcast_ref::<crate::storage::PostgresStore>()
+    {
+        return postgres.reserve_held_by_transaction(key, fingerprint, lease);
+    }
+    None
 }

@@ -49,6 +49,7 @@ where
         store: None,
         latches: Arc::clone(&config.default_latches),
         route,
+        in_transaction: false,
     };
     match flow::start(config, point, facts, slot.take_held()).await {
         Start::Respond(answer) => Err(Answered(RefCell::new(Some(answer))).into()),

@@ -102,6 +102,11 @@ impl Renewals {
         )))
     }
 
+    /// No renewals: for a key held by something that needs none (a transaction's lock).
+    pub(crate) fn none() -> Self {
+        Self(None)
+    }
+
     /// Renews no more.
     pub(crate) fn stop(&mut self) {
         self.0 = None;

@@ -132,7 +132,11 @@ fn try_expand(marker: Marker, args: TokenStream, item: TokenStream) -> syn::Resu
         }
     }
     let span = list.delimiter.span().join();
-    let policy = LitStr::new(&policy_expression(marker, &args), span);
+    let mut policy = policy_expression(marker, &args);
+    if marker != Marker::Exempt && takes_a_transaction(&function.sig) {
+        policy.push_str(".in_transaction()");
+    }
+    let policy = LitStr::new(&policy, span);
     list.tokens = match marker {
         // Nothing to settle: the exempt policy only has to be reached while routing runs, so
         // it goes outermost.
@@ -238,6 +242,39 @@ fn only_safe_methods(route: &syn::Path, arguments: &TokenStream) -> Option<Vec<S
             .iter()
             .all(|method| SAFE_METHODS.contains(&method.as_str()));
     all_safe.then_some(methods)
+}
+
+/// The types through which a handler takes the store's transaction, by their last path
+/// segment (however they are imported); `Option<..>` of them counts too.
+const TRANSACTION_TYPES: &[&str] = &["IdempotentTransaction", "MaybeIdempotentTransaction"];
+
+/// Whether the handler takes the store's transaction among its arguments: its key can then be
+/// reserved in that transaction.
+fn takes_a_transaction(signature: &syn::Signature) -> bool {
+    signature.inputs.iter().any(|input| match input {
+        syn::FnArg::Typed(argument) => names_a_transaction(&argument.ty),
+        syn::FnArg::Receiver(_) => false,
+    })
+}
+
+fn names_a_transaction(ty: &syn::Type) -> bool {
+    let syn::Type::Path(path) = ty else {
+        return false;
+    };
+    let Some(last) = path.path.segments.last() else {
+        return false;
+    };
+    if TRANSACTION_TYPES.contains(&last.ident.to_string().as_str()) {
+        return true;
+    }
+    let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+        return false;
+    };
+    last.ident == "Option"
+        && arguments.args.iter().any(|argument| match argument {
+            syn::GenericArgument::Type(inner) => names_a_transaction(inner),
+            _ => false,
+        })
 }
 
 /// The Rust expression, as text, that builds the route's policy.

@@ -2,6 +2,7 @@
 //! transaction.
 
 mod expiry;
+mod held;
 mod schema;
 mod transaction;
 
@@ -69,6 +70,8 @@ struct Inner {
     statements: PgPool,
     table: String,
     sql: Statements,
+    /// Keys of routes whose handler takes a transaction are reserved in it.
+    reserve_in_transactions: bool,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -94,6 +97,7 @@ impl PostgresStore {
             statement_connections: 4,
             acquire_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_secs(5),
+            reserve_in_transactions: true,
         }
     }
 
@@ -267,9 +271,14 @@ async fn claim(
 
 /// What a `look` row says about the key's holder.
 fn read_holder(row: &sqlx::postgres::PgRow) -> Reservation {
+    read_holder_at(row, 0)
+}
+
+/// What a row with `look`'s columns from column `first` on says about the key's holder.
+fn read_holder_at(row: &sqlx::postgres::PgRow, first: usize) -> Reservation {
     let read = || -> Result<Reservation, StoreError> {
-        let state: String = row.try_get(0).map_err(backend)?;
-        let fingerprint: Vec<u8> = row.try_get(1).map_err(backend)?;
+        let state: String = row.try_get(first).map_err(backend)?;
+        let fingerprint: Vec<u8> = row.try_get(first + 1).map_err(backend)?;
         let fingerprint = Fingerprint(
             fingerprint
                 .try_into()
@@ -277,7 +286,7 @@ fn read_holder(row: &sqlx::postgres::PgRow) -> Reservation {
         );
         match state.as_str() {
             "in_flight" => {
-                let remaining: f64 = row.try_get(3).map_err(backend)?;
+                let remaining: f64 = row.try_get(first + 3).map_err(backend)?;
                 Ok(Reservation::InFlight {
                     fingerprint,
                     remaining_lease: Duration::try_from_secs_f64(remaining / 1000.0)
@@ -285,7 +294,7 @@ fn read_holder(row: &sqlx::postgres::PgRow) -> Reservation {
                 })
             }
             "completed" => {
-                let record: Option<Vec<u8>> = row.try_get(2).map_err(backend)?;
+                let record: Option<Vec<u8>> = row.try_get(first + 2).map_err(backend)?;
                 let record = decode_record(record.as_deref().unwrap_or_default())?;
                 Ok(Reservation::Completed(Arc::new(record)))
             }
@@ -429,9 +438,28 @@ pub struct PostgresStoreBuilder {
     statement_connections: u32,
     acquire_timeout: Duration,
     statement_timeout: Duration,
+    reserve_in_transactions: bool,
 }
 
 impl PostgresStoreBuilder {
+    /// Whether the keys of routes whose handler takes an [`IdempotentTransaction`] are
+    /// reserved in that transaction, under a transaction-scoped advisory lock (see
+    /// [`IdempotencyPolicy::in_transaction`](crate::IdempotencyPolicy::in_transaction)):
+    /// one commit per request, and a crashed request's key is free at once. When off, such
+    /// keys are reserved like every other, by a row with a lease committed before the handler
+    /// runs, and a crashed request's key is free once the lease ends.
+    ///
+    /// Turn it off for handlers that raise their transaction's isolation level themselves
+    /// (`SET TRANSACTION ISOLATION LEVEL ..` must come first, and the reserving transaction
+    /// starts at READ COMMITTED), and for the first deploy of this version next to instances
+    /// of 0.1, which reserve by lease and do not see the lock.
+    ///
+    /// Defaults to on.
+    pub fn reserve_in_transactions(mut self, on: bool) -> Self {
+        self.reserve_in_transactions = on;
+        self
+    }
+
     /// The table the store keeps its rows in: a plain name, optionally schema-qualified
     /// (`api.idempotency_keys`).
     ///
@@ -518,6 +546,7 @@ impl PostgresStoreBuilder {
                 statements,
                 sql: Statements::for_table(&self.table),
                 table: self.table,
+                reserve_in_transactions: self.reserve_in_transactions,
             }),
         })
     }

@@ -54,6 +54,9 @@ pub(super) struct Statements {
     pub(super) expire: String,
     /// Deletes key $1 whatever it holds; a row back says whether it was live.
     pub(super) purge: String,
+    /// Whether nobody holds the advisory lock $2 of key $1 (taken for the statement only),
+    /// then `look`'s columns for a live row of key $1 (NULLs without one).
+    pub(super) holder: String,
 }
 
 /// The migration's statements for `table` (its index named after the table, without schema).
@@ -158,6 +161,13 @@ impl Statements {
                    RETURNING expires_at > clock_timestamp() AS live) \
                  SELECT EXISTS (SELECT 1 FROM freed) \
                    OR COALESCE((SELECT bool_or(live) FROM deleted), false)"
+            ),
+            holder: format!(
+                "SELECT pg_try_advisory_xact_lock($2), r.state, r.fingerprint, r.record, \
+                   GREATEST(EXTRACT(EPOCH FROM (r.lease_until - clock_timestamp())) * 1000, 0)::float8, \
+                   r.token \
+                 FROM (VALUES (1)) AS one \
+                 LEFT JOIN {table} AS r ON r.key = $1 AND r.expires_at > clock_timestamp()"
             ),
             expire: format!(
                 "DELETE FROM {table} WHERE key IN (\

@@ -10,7 +10,7 @@ use actix_web::{dev::Payload, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::{backend, complete_on, PostgresStore};
+use super::{backend, complete_on, held::commit_holding, PostgresStore};
 use crate::{
     joined::{ActiveReservation, JoinedWork},
     storage::{CompletedRecord, Completion, ReservationToken},
@@ -85,6 +85,9 @@ pub struct IdempotentTransaction {
     /// Whether the handler ran anything on it (borrowed it mutably): only then did it decide
     /// what its answer commits.
     used: bool,
+    /// The transaction holds the key itself (its advisory lock), rather than a row committed
+    /// beforehand.
+    holds_key: bool,
     reservation: Rc<ActiveReservation>,
     store: PostgresStore,
 }
@@ -115,6 +118,27 @@ impl FromRequest for IdempotentTransaction {
                 .ok_or(IdempotencyError::Misconfigured(
                     "IdempotentTransaction needs the route's store to be a PostgresStore",
                 ))?;
+            // The key was reserved in a transaction begun for this handler: here it is.
+            if let Some(prepared) = reservation.lend_prepared() {
+                if let Ok(returned) = prepared.into_any().downcast::<Returned>() {
+                    let Returned {
+                        mut transaction,
+                        holds_key,
+                        ..
+                    } = *returned;
+                    if let Ok(transaction) = transaction.take() {
+                        return Ok(Self {
+                            transaction: Some(transaction),
+                            used: false,
+                            holds_key,
+                            reservation,
+                            store,
+                        });
+                    }
+                }
+                reservation.fail();
+                return Err(IdempotencyError::StoreUnavailable);
+            }
             if !reservation.lend() {
                 return Err(IdempotencyError::Misconfigured(
                     "a request can have one IdempotentTransaction only",
@@ -129,6 +153,7 @@ impl FromRequest for IdempotentTransaction {
                 Ok(transaction) => Ok(Self {
                     transaction: Some(transaction),
                     used: false,
+                    holds_key: false,
                     reservation,
                     store,
                 }),
@@ -228,6 +253,7 @@ impl Drop for IdempotentTransaction {
             self.reservation.give_back(Box::new(Returned {
                 transaction: ShutdownSafe(Some(transaction)),
                 used: self.used,
+                holds_key: self.holds_key,
                 store: self.store.clone(),
             }));
         }
@@ -252,12 +278,30 @@ impl Drop for Loan {
     }
 }
 
-/// The handler's transaction, handed back to be committed with the record.
-struct Returned {
+/// The handler's transaction, handed back to be committed with the record (or, when it holds
+/// the key, begun for the handler to take).
+pub(super) struct Returned {
     transaction: ShutdownSafe,
     /// Whether the handler ran statements on it.
     used: bool,
+    /// It holds the key's advisory lock: the key has no row until the record is written.
+    holds_key: bool,
     store: PostgresStore,
+}
+
+impl Returned {
+    /// A transaction that holds its key, for the handler to take.
+    pub(super) fn holding_the_key(
+        transaction: Transaction<'static, Postgres>,
+        store: PostgresStore,
+    ) -> Self {
+        Self {
+            transaction: ShutdownSafe(Some(transaction)),
+            used: false,
+            holds_key: true,
+            store,
+        }
+    }
 }
 
 /// A transaction that can be dropped where no Tokio runtime runs any more (a worker torn down
@@ -302,6 +346,21 @@ impl JoinedWork for Returned {
         self.used
     }
 
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn roll_back(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        let mut transaction = self.transaction;
+        Box::pin(async move {
+            if let Ok(open) = transaction.take() {
+                // Failing, it is dropped, which rolls it back as the connection goes back to
+                // the pool (or closes it).
+                let _ = open.rollback().await;
+            }
+        })
+    }
+
     fn commit_with_record(
         self: Box<Self>,
         key: String,
@@ -312,9 +371,14 @@ impl JoinedWork for Returned {
         let Self {
             mut transaction,
             store,
+            holds_key,
             ..
         } = *self;
         Box::pin(async move {
+            if holds_key {
+                let open = transaction.take()?;
+                return commit_holding(open, &store, &key, token, &record, ttl).await;
+            }
             let sql = &store.inner.sql;
             let completion =
                 complete_on(transaction.get()?, sql, &key, token, &record, ttl).await?;
