@@ -164,7 +164,9 @@ pub enum KeyState {
     InFlight {
         /// The fingerprint of the request that holds the key.
         fingerprint: Fingerprint,
-        /// How long its lease still runs.
+        /// How long its lease still runs; zero for a key held by a handler's transaction
+        /// (`PostgresStore`), which holds it until the transaction ends, and whose fingerprint
+        /// is then unknown (zeroes).
         remaining_lease: Duration,
     },
     /// The request ran; here is its record (status and body in

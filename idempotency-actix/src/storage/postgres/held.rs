@@ -97,7 +97,7 @@ impl PostgresStore {
     }
 
     /// What holds `key`, from the store's own connections; `None` when nothing does.
-    async fn holder(
+    pub(super) async fn holder(
         &self,
         key: &str,
         lock: i64,

@@ -226,13 +226,14 @@ impl PostgresStore {
     }
 
     async fn inspect_key(&self, key: &str) -> Result<Option<KeyState>, StoreError> {
-        let mut connection = self.connection().await?;
-        let held = sqlx::query(&self.inner.sql.look)
-            .bind(key)
-            .fetch_optional(&mut *connection)
-            .await
-            .map_err(backend)?;
-        Ok(held.and_then(|held| KeyState::from_reservation(read_holder(&held))))
+        // A key held by a handler's transaction has no row: its lock says it is in flight,
+        // with a lease of zero (it is held until the transaction ends) and a fingerprint
+        // nobody outside that transaction knows (zeroes).
+        let lock = held::lock_id(&self.inner.table, key);
+        let holder = self
+            .holder(key, lock, Fingerprint([0; 32]), Duration::ZERO)
+            .await?;
+        Ok(holder.and_then(KeyState::from_reservation))
     }
 
     async fn purge_key(&self, key: &str) -> Result<bool, StoreError> {

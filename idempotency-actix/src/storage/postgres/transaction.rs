@@ -36,17 +36,22 @@ use crate::{
 /// (If it does, its response is replaced by 503 and its key kept done, not replayable: it may
 /// have had an effect, and must not run again.)
 ///
+/// - **Where the key is held**: on a route whose handler takes this type (or
+///   [`MaybeIdempotentTransaction`]), the key is reserved in this very transaction, under a
+///   transaction-scoped advisory lock, at READ COMMITTED (see
+///   [`reserve_in_transactions`](crate::PostgresStoreBuilder::reserve_in_transactions)).
+///   Elsewhere, by a row with a lease committed before the handler runs.
 /// - **Crash**: a process that dies before the commit leaves neither the handler's rows nor the
-///   record; its reservation (committed apart, when the key was claimed) lapses after the
-///   lease, and a retry then runs once.
-/// - **Duplicates**: a concurrent duplicate finds the committed reservation and waits (a short
-///   query now and then, no connection held) or gets 409; it never runs.
+///   record. A key held by the transaction is free again as soon as the database sees the
+///   connection close; one reserved by a lease row, after the lease.
+/// - **Duplicates**: a concurrent duplicate finds the key held and waits (a short query now
+///   and then, no connection held while it waits) or gets 409; it never runs.
 /// - **A lapsed lease**: if the reservation lapsed and another request took the key before this
 ///   one committed, this transaction is rolled back and the client gets 409
 ///   [`reservation-lost`](crate::problems#reservation-lost).
-/// - **Isolation**: the transaction starts at the database's default level (READ COMMITTED
-///   unless configured otherwise). A handler may raise it with `SET TRANSACTION ISOLATION LEVEL
-///   ..` as its first statement; under REPEATABLE READ or SERIALIZABLE, a handler that runs
+/// - **Isolation**: a transaction that holds its key runs at READ COMMITTED. Otherwise it
+///   starts at the database's default level, and a handler may raise it with `SET TRANSACTION
+///   ISOLATION LEVEL ..` as its first statement; under REPEATABLE READ or SERIALIZABLE, a handler that runs
 ///   longer than a third of the reservation lease has its reservation renewed by another
 ///   transaction, and its commit then fails (503, rolled back): keep the lease well above such
 ///   handlers' run time.
