@@ -240,6 +240,7 @@ impl Operation {
                 reserve_in_transaction(
                     self.store.as_ref(),
                     &self.storage_key,
+                    token,
                     self.fingerprint,
                     lease,
                 )

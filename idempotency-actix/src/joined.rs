@@ -175,6 +175,7 @@ pub(crate) type HeldReservation = (Reservation, Option<Box<dyn JoinedWork>>);
 pub(crate) fn reserve_in_transaction<'a>(
     store: &'a dyn DynStore,
     key: &'a str,
+    token: ReservationToken,
     fingerprint: Fingerprint,
     lease: Duration,
 ) -> Option<LocalBoxFuture<'a, Result<HeldReservation, StoreError>>> {
@@ -183,7 +184,7 @@ pub(crate) fn reserve_in_transaction<'a>(
         .as_any()
         .downcast_ref::<crate::storage::PostgresStore>()
     {
-        return postgres.reserve_held_by_transaction(key, fingerprint, lease);
+        return postgres.reserve_held_by_transaction(key, token, fingerprint, lease);
     }
     None
 }

@@ -2,62 +2,62 @@
 //! key, taken as the transaction begins and held until it ends.
 //!
 //! A fresh request then costs one commit (the handler's rows with the key's record) instead of
-//! two, and one round trip to begin instead of two; a request whose process dies frees its key
-//! the moment the database sees its connection close, since nothing about it was committed.
+//! two, and a request whose process dies frees its key the moment the database sees its
+//! connection close, since nothing about it was committed.
 //!
-//! The transaction begins with one simple query:
+//! The transaction begins at READ COMMITTED (the look after the lock must see what its previous
+//! holder committed, whatever the database's default level), then calls the table's `_hold`
+//! function (migration 0002): it returns a live record without taking the lock (a replay), or
+//! takes the lock without waiting (`pg_try_advisory_xact_lock`) and looks again. A duplicate
+//! learns at once that the key is held, ends its transaction, and waits for the record without a
+//! connection; nobody ever blocks inside PostgreSQL.
 //!
-//! 1. `SET TRANSACTION ISOLATION LEVEL READ COMMITTED`, so that every statement after the lock
-//!    reads what was committed before the lock was taken, whatever the database's default;
-//! 2. the try-lock, failing the query when another transaction holds the key;
-//! 3. a look at the key's row, failing the query when the key holds a live record or a
-//!    reservation of the lease design;
-//! 4. `BEGIN`, which makes the implicit transaction of the first three statements the
-//!    handler's transaction, lock included.
-//!
-//! A failure rolls the implicit transaction back whole and leaves the connection as it was, so
-//! it goes back to the pool clean (an explicit `BEGIN` first would leave it inside a failed
-//! transaction). Only then does the store look at what holds the key, on its own connections,
-//! without any lock kept: a duplicate never holds a connection while it waits for the key. (It
-//! waits for a connection to begin with, like any handler's transaction: when handlers hold
-//! them all, it gets 503 after the pool's acquire timeout.)
-//!
-//! The query fails on purpose by casting a text to an integer: plain SQL has no `RAISE`, and a
-//! function of the store's own would need a migration. The text names this crate, which is how
-//! such a failure is told from a real one.
+//! The function is one prepared statement, planned once per connection: the same lock and looks
+//! sent as a multi-statement query were planned on every request, which cost more database time
+//! than the second commit this design saves (see `docs/benchmarks.md`).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use futures_util::future::LocalBoxFuture;
 use sha2::{Digest, Sha256};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{postgres::PgRow, PgPool, Postgres, Row, Transaction};
 
-use super::{backend, millis, read_holder_at, token_value, transaction::Returned, PostgresStore};
+use super::{backend, millis, read_holder, token_value, transaction::Returned, PostgresStore};
 use crate::{
     joined::HeldReservation,
     storage::{CompletedRecord, Completion, Reservation, ReservationToken},
     Fingerprint, StoreError,
 };
 
-/// How often the key is tried again when it changed hands between the attempt and the look.
-const ATTEMPTS: usize = 8;
+/// PostgreSQL's code for a function that does not exist.
+const UNDEFINED_FUNCTION: &str = "42883";
 
-/// What the failing casts of the begin statement say, to tell them from real failures.
-const MARKER: &str = "idempotency-actix: ";
+/// Whether the table's `_hold` function is known to be missing (migration 0002 not run): keys
+/// are then reserved by lease, as by a store with
+/// [`reserve_in_transactions(false)`](super::PostgresStoreBuilder::reserve_in_transactions).
+#[derive(Debug, Default)]
+pub(super) struct HoldFunction {
+    missing: AtomicBool,
+}
 
 impl PostgresStore {
     /// Reserves `key` in a transaction for the handler, if the store is configured to.
     pub(crate) fn reserve_held_by_transaction<'a>(
         &'a self,
         key: &'a str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Option<LocalBoxFuture<'a, Result<HeldReservation, StoreError>>> {
-        if !self.inner.reserve_in_transactions {
+        if !self.inner.reserve_in_transactions || self.inner.hold.missing.load(Ordering::Relaxed) {
             return None;
         }
         Some(Box::pin(self.reserve_in_transaction(
             key,
+            token,
             fingerprint,
             lease,
         )))
@@ -66,44 +66,67 @@ impl PostgresStore {
     async fn reserve_in_transaction(
         &self,
         key: &str,
+        token: ReservationToken,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<HeldReservation, StoreError> {
         let lock = lock_id(&self.inner.table, key);
-        let begin: Arc<str> = Arc::from(begin_statement(&self.inner.table, key, lock));
-        for _ in 0..ATTEMPTS {
-            // In a task of its own: a request dropped half-way would otherwise drop a connection
-            // in the middle of its `BEGIN`, which sqlx would put back in the pool inside a
-            // transaction holding the key. The task ends the transaction properly instead.
-            let begun = tokio::spawn(begin_holding(self.inner.pool.clone(), begin.clone()))
-                .await
-                .map_err(|error| StoreError::Backend(Box::new(error)))?;
-            match begun {
-                Ok(transaction) => {
-                    let held = Returned::holding_the_key(transaction, self.clone());
-                    return Ok((Reservation::Acquired, Some(Box::new(held))));
+        let hold = self.inner.sql.hold.clone();
+        // In a task of its own: a request dropped half-way would otherwise drop a connection in
+        // the middle of its `BEGIN`, which sqlx would put back in the pool inside a transaction
+        // holding the key. The task ends the transaction properly instead.
+        let begun = tokio::spawn(begin_holding(
+            self.inner.pool.clone(),
+            hold,
+            key.to_owned(),
+            lock,
+        ))
+        .await
+        .map_err(|error| StoreError::Backend(Box::new(error)))?;
+        let (transaction, holder) = match begun {
+            Ok(begun) => begun,
+            Err(error) if is_undefined_function(&error) => {
+                if !self.inner.hold.missing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "idempotency: the function {}_hold does not exist (run migration 0002, \
+                         or PostgresStore::ensure_schema): keys are reserved by lease, and a \
+                         crashed request's key stays held until its lease ends",
+                        self.inner.table
+                    );
                 }
-                Err(error) if is_held_elsewhere(&error) => {}
-                Err(error) => return Err(self.pool_error(error)),
+                let reservation = self.reserve_key(key, token, fingerprint, lease).await?;
+                return Ok((reservation, None));
             }
-            if let Some(held) = self.holder(key, lock, fingerprint, lease).await? {
-                return Ok((held, None));
-            }
-            // Free now: its holder ended between the two statements.
-        }
-        Err(StoreError::Corrupt(format!(
-            "the key changed hands {ATTEMPTS} times while it was being reserved"
-        )))
+            Err(error) => return Err(self.pool_error(error)),
+        };
+        let Some(holder) = holder else {
+            let held = Returned::holding_the_key(transaction, self.clone());
+            return Ok((Reservation::Acquired, Some(Box::new(held))));
+        };
+        // Dropped, it rolls back as its connection goes back to the pool, off this request's
+        // path.
+        drop(transaction);
+        // The function returns a row only when something holds the key.
+        let holder = holder_in(&holder, fingerprint, lease)?;
+        Ok((
+            holder.unwrap_or(Reservation::InFlight {
+                fingerprint,
+                remaining_lease: lease,
+            }),
+            None,
+        ))
     }
 
-    /// What holds `key`, from the store's own connections; `None` when nothing does.
+    /// What holds `key`, from the store's own connections, without waiting for its lock:
+    /// `None` when nothing does. A key held by a transaction shows in flight, with the
+    /// fingerprint and lease given here.
     pub(super) async fn holder(
         &self,
         key: &str,
-        lock: i64,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Option<Reservation>, StoreError> {
+        let lock = lock_id(&self.inner.table, key);
         let mut connection = self.connection().await?;
         let row = sqlx::query(&self.inner.sql.holder)
             .bind(key)
@@ -111,18 +134,7 @@ impl PostgresStore {
             .fetch_one(&mut *connection)
             .await
             .map_err(backend)?;
-        let free: bool = row.try_get(0).map_err(backend)?;
-        let state: Option<String> = row.try_get(1).map_err(backend)?;
-        Ok(match (state, free) {
-            (Some(_), _) => Some(read_holder_at(&row, 1)),
-            // Held by a transaction, which says nothing of its payload: a duplicate waits for
-            // the record, then compares (422 if it differs) rather than guess now.
-            (None, false) => Some(Reservation::InFlight {
-                fingerprint,
-                remaining_lease: lease,
-            }),
-            (None, true) => None,
-        })
+        holder_in(&row, fingerprint, lease)
     }
 
     /// An error from the handlers' pool, as the store reports it.
@@ -134,20 +146,51 @@ impl PostgresStore {
     }
 }
 
-/// Begins a transaction holding the key, waiting for a connection like any handler's
-/// transaction.
+/// Begins a transaction (waiting for a connection like any handler's transaction) and holds
+/// `key` in it: the transaction, and `None` when it holds the key, or what holds it otherwise.
 async fn begin_holding(
     pool: PgPool,
-    begin: Arc<str>,
-) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with(String::from(&*begin)).await
+    hold: String,
+    key: String,
+    lock: i64,
+) -> Result<(Transaction<'static, Postgres>, Option<PgRow>), sqlx::Error> {
+    let mut transaction = pool
+        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await?;
+    let holder = sqlx::query(&hold)
+        .bind(key)
+        .bind(lock)
+        .fetch_optional(&mut *transaction)
+        .await?;
+    Ok((transaction, holder))
 }
 
-/// Whether the begin statement failed because the key is held or taken.
-fn is_held_elsewhere(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|database| {
-        database.code().as_deref() == Some("22P02") && database.message().contains(MARKER)
+/// What holds the key, from a row of the `holder` statement or the `_hold` function: whether
+/// its lock was free, then the key's live row (NULLs without one). `None` when nothing holds
+/// it. A key held by a transaction shows in flight with `fingerprint` and `lease`: a
+/// transaction says nothing of its payload, so a duplicate waits for the record and compares
+/// then (422 if it differs), rather than guess now.
+pub(super) fn holder_in(
+    row: &PgRow,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Result<Option<Reservation>, StoreError> {
+    let free: bool = row.try_get(0).map_err(backend)?;
+    let state: Option<String> = row.try_get(1).map_err(backend)?;
+    Ok(match (state, free) {
+        (Some(_), _) => Some(read_holder(row, 1)),
+        (None, false) => Some(Reservation::InFlight {
+            fingerprint,
+            remaining_lease: lease,
+        }),
+        (None, true) => None,
     })
+}
+
+fn is_undefined_function(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|database| database.code().as_deref() == Some(UNDEFINED_FUNCTION))
 }
 
 /// The advisory lock of `key` in `table`: 64 bits of a digest, so that two keys share a lock
@@ -161,37 +204,6 @@ pub(super) fn lock_id(table: &str, key: &str) -> i64 {
     let mut first = [0; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
-}
-
-/// `text` as an SQL string constant that cannot be anything else, and that the planner can
-/// match against the primary key's index: as it is when it holds only characters that no
-/// quoting rule touches (the default key encoder's hex digits), otherwise every character
-/// written as a Unicode escape.
-fn quoted(text: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | '/');
-    if text.chars().all(plain) {
-        return format!("'{text}'");
-    }
-    let mut escaped = String::from("U&'");
-    for c in text.chars() {
-        escaped.push_str(&format!("\\+{:06X}", u32::from(c)));
-    }
-    escaped.push('\'');
-    escaped
-}
-
-/// The statement that begins the handler's transaction holding `key` (see the module's
-/// documentation). The key travels as a constant it cannot escape from ([`quoted`]).
-fn begin_statement(table: &str, key: &str, lock: i64) -> String {
-    format!(
-        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; \
-         SELECT CASE WHEN pg_try_advisory_xact_lock({lock}) THEN NULL \
-           ELSE ('{MARKER}held by ' || pg_backend_pid())::int END; \
-         SELECT ('{MARKER}' || state)::int FROM {table} \
-           WHERE key = {key} AND expires_at > clock_timestamp(); \
-         BEGIN",
-        key = quoted(key),
-    )
 }
 
 /// Writes the record of a key held by `transaction`, and commits.
@@ -226,17 +238,6 @@ pub(super) async fn commit_holding(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_travel_as_constants_nothing_can_escape() {
-        assert_eq!(quoted("0a1f"), "'0a1f'");
-        let statement = begin_statement("t", "k'); DROP TABLE t; --", 7);
-        assert!(!statement.contains("DROP"), "{statement}");
-        assert!(
-            statement.contains("U&'\\+00006B\\+000027\\+000029"),
-            "{statement}"
-        );
-    }
 
     #[test]
     fn lock_ids_differ_by_table_and_key() {

@@ -38,8 +38,9 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// # Schema
 ///
 /// [`ensure_schema`](Self::ensure_schema) creates the table if it is missing (handy for a quick
-/// start); teams that manage migrations run [`PostgresStore::SCHEMA`] (the file
-/// `migrations/0001_idempotency_keys.sql` in this crate) with their own tool.
+/// start); teams that manage migrations run [`PostgresStore::SCHEMA`] (the files
+/// `migrations/0001_idempotency_keys.sql` and `0002_idempotency_keys_hold.sql` in this crate)
+/// with their own tool.
 ///
 /// ```no_run
 /// use idempotency_actix::{IdempotencyMiddleware, PostgresStore};
@@ -72,6 +73,7 @@ struct Inner {
     sql: Statements,
     /// Keys of routes whose handler takes a transaction are reserved in it.
     reserve_in_transactions: bool,
+    hold: held::HoldFunction,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -85,7 +87,8 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// The schema of the default table (`idempotency_keys`), as a migration.
+    /// The schema of the default table (`idempotency_keys`) and of the function that holds its
+    /// keys in transactions (`idempotency_keys_hold`), as one migration.
     pub const SCHEMA: &'static str = schema::DEFAULT_SCHEMA;
 
     /// A builder for a store on the database at `url` (`postgres://user@host:port/db`).
@@ -153,26 +156,54 @@ impl PostgresStore {
         let mut connection = self.connection().await?;
         let sql = &self.inner.sql;
         for _ in 0..CLAIM_ATTEMPTS {
-            if claim(&mut connection, &sql.claim, key, token, fingerprint, lease).await? {
+            if self
+                .claim(&mut connection, &sql.claim, key, token, fingerprint, lease)
+                .await?
+            {
                 return Ok(Reservation::Acquired);
             }
-            let held = sqlx::query(&sql.look)
+            let row = sqlx::query(&sql.holder)
                 .bind(key)
-                .fetch_optional(&mut *connection)
+                .bind(held::lock_id(&self.inner.table, key))
+                .fetch_one(&mut *connection)
                 .await
                 .map_err(backend)?;
-            // Gone between the two statements (completed and expired, or freed): claim again.
-            let Some(held) = held else { continue };
             // The same reservation asked for again (its first answer was lost): it is ours.
-            let owner: Option<i64> = held.try_get(4).map_err(backend)?;
+            let owner: Option<i64> = row.try_get(5).map_err(backend)?;
             if owner == Some(token_value(token)) {
                 return Ok(Reservation::Acquired);
             }
-            return Ok(read_holder(&held));
+            // Nothing: gone between the two statements (completed and expired, or freed).
+            if let Some(holder) = held::holder_in(&row, fingerprint, lease)? {
+                return Ok(holder);
+            }
         }
         Err(StoreError::Corrupt(format!(
             "the key changed hands {CLAIM_ATTEMPTS} times while it was being reserved"
         )))
+    }
+
+    /// Claims `key` if it is free or expired and no transaction holds its advisory lock; says
+    /// whether it did.
+    async fn claim(
+        &self,
+        connection: &mut PgConnection,
+        statement: &str,
+        key: &str,
+        token: ReservationToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let claimed = sqlx::query(statement)
+            .bind(key)
+            .bind(token_value(token))
+            .bind(fingerprint.0.as_slice())
+            .bind(millis(lease))
+            .bind(held::lock_id(&self.inner.table, key))
+            .fetch_optional(connection)
+            .await
+            .map_err(backend)?;
+        Ok(claimed.is_some())
     }
 
     async fn renew_key(
@@ -199,15 +230,16 @@ impl PostgresStore {
                 Renewal::Restored
             });
         }
-        if claim(
-            &mut connection,
-            &sql.restore,
-            key,
-            token,
-            fingerprint,
-            lease,
-        )
-        .await?
+        if self
+            .claim(
+                &mut connection,
+                &sql.restore,
+                key,
+                token,
+                fingerprint,
+                lease,
+            )
+            .await?
         {
             return Ok(Renewal::Restored);
         }
@@ -229,9 +261,8 @@ impl PostgresStore {
         // A key held by a handler's transaction has no row: its lock says it is in flight,
         // with a lease of zero (it is held until the transaction ends) and a fingerprint
         // nobody outside that transaction knows (zeroes).
-        let lock = held::lock_id(&self.inner.table, key);
         let holder = self
-            .holder(key, lock, Fingerprint([0; 32]), Duration::ZERO)
+            .holder(key, Fingerprint([0; 32]), Duration::ZERO)
             .await?;
         Ok(holder.and_then(KeyState::from_reservation))
     }
@@ -250,33 +281,9 @@ impl PostgresStore {
     }
 }
 
-/// Claims `key` if it is free or expired; says whether it did.
-async fn claim(
-    connection: &mut PgConnection,
-    statement: &str,
-    key: &str,
-    token: ReservationToken,
-    fingerprint: Fingerprint,
-    lease: Duration,
-) -> Result<bool, StoreError> {
-    let claimed = sqlx::query(statement)
-        .bind(key)
-        .bind(token_value(token))
-        .bind(fingerprint.0.as_slice())
-        .bind(millis(lease))
-        .fetch_optional(connection)
-        .await
-        .map_err(backend)?;
-    Ok(claimed.is_some())
-}
-
-/// What a `look` row says about the key's holder.
-fn read_holder(row: &sqlx::postgres::PgRow) -> Reservation {
-    read_holder_at(row, 0)
-}
-
-/// What a row with `look`'s columns from column `first` on says about the key's holder.
-fn read_holder_at(row: &sqlx::postgres::PgRow, first: usize) -> Reservation {
+/// What a row with the key's state, fingerprint, record, remaining lease in ms and token from
+/// column `first` on says about the key's holder.
+fn read_holder(row: &sqlx::postgres::PgRow, first: usize) -> Reservation {
     let read = || -> Result<Reservation, StoreError> {
         let state: String = row.try_get(first).map_err(backend)?;
         let fingerprint: Vec<u8> = row.try_get(first + 1).map_err(backend)?;
@@ -548,6 +555,7 @@ impl PostgresStoreBuilder {
                 sql: Statements::for_table(&self.table),
                 table: self.table,
                 reserve_in_transactions: self.reserve_in_transactions,
+                hold: held::HoldFunction::default(),
             }),
         })
     }

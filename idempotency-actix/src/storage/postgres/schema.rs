@@ -4,9 +4,13 @@
 //! `now()`, moves inside a long transaction), so that instances with drifting clocks agree on
 //! when a lease or a record expires. Durations travel as milliseconds.
 
-/// The schema for the default table name, as a migration a team can run with its own tool.
-pub(super) const DEFAULT_SCHEMA: &str =
-    include_str!("../../../migrations/0001_idempotency_keys.sql");
+/// The schema for the default table name, as migrations a team can run with its own tool: the
+/// table, then the function that reserves a key in the caller's transaction.
+pub(super) const DEFAULT_SCHEMA: &str = concat!(
+    include_str!("../../../migrations/0001_idempotency_keys.sql"),
+    "\n",
+    include_str!("../../../migrations/0002_idempotency_keys_hold.sql"),
+);
 
 /// The table name every statement is written for.
 pub(super) const DEFAULT_TABLE: &str = "idempotency_keys";
@@ -30,14 +34,12 @@ pub(super) fn is_plain_table_name(name: &str) -> bool {
 #[derive(Debug)]
 pub(super) struct Statements {
     pub(super) schema: String,
-    /// Claims a free or expired key: $1 key, $2 token, $3 fingerprint, $4 lease ms. A row back
-    /// means acquired.
+    /// Claims a free or expired key: $1 key, $2 token, $3 fingerprint, $4 lease ms, unless a
+    /// transaction holds its advisory lock $5. A row back means acquired.
     pub(super) claim: String,
     /// As `claim`, for a renewal that makes a lost reservation again: never over the owner's
     /// own freed reservation.
     pub(super) restore: String,
-    /// What holds a live key: state, fingerprint, record, remaining lease in ms, token.
-    pub(super) look: String,
     /// Extends the reservation of $2 on $1 to $3 ms; a row back says whether it was still live.
     pub(super) extend: String,
     /// Completes the reservation of $2 on $1 with record $3 for $4 ms; a row back says
@@ -54,9 +56,13 @@ pub(super) struct Statements {
     pub(super) expire: String,
     /// Deletes key $1 whatever it holds; a row back says whether it was live.
     pub(super) purge: String,
-    /// Whether nobody holds the advisory lock $2 of key $1 (taken for the statement only),
-    /// then `look`'s columns for a live row of key $1 (NULLs without one).
+    /// Whether nobody holds the advisory lock $2 of key $1 (taken for the statement only), then
+    /// a live row of key $1 (NULLs without one): state, fingerprint, record, remaining lease in
+    /// ms, token.
     pub(super) holder: String,
+    /// Takes key $1's advisory lock $2 in the current transaction (the function of migration
+    /// 0002): no row when it now holds the key, otherwise `holder`'s columns.
+    pub(super) hold: String,
 }
 
 /// The migration's statements for `table` (its index named after the table, without schema).
@@ -71,6 +77,14 @@ fn schema_for(table: &str) -> String {
         .replace(
             &format!("NOT EXISTS {DEFAULT_TABLE} ("),
             &format!("NOT EXISTS {table} ("),
+        )
+        .replace(
+            &format!("FUNCTION {DEFAULT_TABLE}_hold("),
+            &format!("FUNCTION {table}_hold("),
+        )
+        .replace(
+            &format!("FROM {DEFAULT_TABLE} AS r"),
+            &format!("FROM {table} AS r"),
         )
 }
 
@@ -96,7 +110,7 @@ impl Statements {
         let freed_by_5 = FREED.replace("TOKEN", "$5");
         let claim = format!(
             "INSERT INTO {table} AS r (key, state, token, fingerprint, record, lease_until, expires_at) \
-             VALUES ($1, 'in_flight', $2, $3, NULL, {IN}, {IN}) \
+             SELECT $1, 'in_flight', $2, $3, NULL, {IN}, {IN} WHERE pg_try_advisory_xact_lock($5) \
              ON CONFLICT (key) DO UPDATE SET state = 'in_flight', token = EXCLUDED.token, \
                fingerprint = EXCLUDED.fingerprint, record = NULL, \
                lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at, \
@@ -111,12 +125,6 @@ impl Statements {
                 &format!("WHERE r.expires_at <= clock_timestamp() AND NOT {freed_by_excluded}"),
             ),
             claim,
-            look: format!(
-                "SELECT state, fingerprint, record, \
-                   GREATEST(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000, 0)::float8, \
-                   token \
-                 FROM {table} WHERE key = $1 AND expires_at > clock_timestamp()"
-            ),
             extend: format!(
                 "UPDATE {table} AS r SET lease_until = {in3}, expires_at = {in3} \
                  FROM (SELECT key, expires_at > clock_timestamp() AS live FROM {table} \
@@ -169,6 +177,7 @@ impl Statements {
                  FROM (VALUES (1)) AS one \
                  LEFT JOIN {table} AS r ON r.key = $1 AND r.expires_at > clock_timestamp()"
             ),
+            hold: format!("SELECT * FROM {table}_hold($1, $2)"),
             expire: format!(
                 "DELETE FROM {table} WHERE key IN (\
                    SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
@@ -191,6 +200,8 @@ mod tests {
         assert!(
             other.contains("CREATE INDEX IF NOT EXISTS keys_expires_at ON api.keys (expires_at)")
         );
+        assert!(other.contains("CREATE OR REPLACE FUNCTION api.keys_hold("));
+        assert!(other.contains("FROM api.keys AS r"));
         assert!(!other.contains(DEFAULT_TABLE));
     }
 

@@ -7,7 +7,7 @@ use std::{
 use sqlx::Connection;
 
 use super::{test_database::postgres_url_or_skip, *};
-use crate::storage::conformance;
+use crate::{joined::HeldReservation, storage::conformance};
 
 /// A schema of its own for one test, dropped (with its tables) by `drop_schema`.
 async fn fresh_schema(url: &str) -> String {
@@ -196,4 +196,125 @@ async fn a_locked_table_is_an_error_after_the_statement_timeout() {
         "{reserved:?}"
     );
     assert!(took < Duration::from_secs(2), "it waited {took:?}");
+}
+
+/// Reserves `key` in a transaction of the store's, as a transactional route does.
+async fn hold(store: &PostgresStore, key: &str, fingerprint: Fingerprint) -> HeldReservation {
+    let reserving = store
+        .reserve_held_by_transaction(
+            key,
+            ReservationToken::generate(),
+            fingerprint,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("the store reserves in transactions"));
+    reserving
+        .await
+        .unwrap_or_else(|e| panic!("reserve in a transaction: {e}"))
+}
+
+/// Reserves `key` as a route without a transaction does: a lease row.
+async fn reserve_by_lease(
+    store: &PostgresStore,
+    key: &str,
+    fingerprint: Fingerprint,
+) -> Result<Reservation, StoreError> {
+    let token = ReservationToken::generate();
+    store
+        .reserve(key, token, fingerprint, Duration::from_secs(30))
+        .await
+}
+
+/// A key held by a transaction is seen held by every other way of reserving it (another
+/// transaction, a lease claim, the admin's look), and free the moment the transaction ends
+/// without its record; once it committed its record, every way finds that record.
+#[actix_rt::test]
+async fn a_key_held_by_a_transaction_is_held_for_every_way_of_reserving_it() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let store = store_on(&url, &format!("{schema}.keys")).await;
+    let mine = Fingerprint([3; 32]);
+
+    let (acquired, transaction) = hold(&store, "k", mine).await;
+    assert!(matches!(acquired, Reservation::Acquired), "{acquired:?}");
+    let transaction = transaction.unwrap_or_else(|| panic!("the key is held by a transaction"));
+    let (other, none) = hold(&store, "k", Fingerprint([4; 32])).await;
+    assert!(matches!(other, Reservation::InFlight { .. }), "{other:?}");
+    assert!(none.is_none());
+    let leased = reserve_by_lease(&store, "k", mine).await;
+    assert!(
+        matches!(leased, Ok(Reservation::InFlight { .. })),
+        "a lease claim went past the transaction's lock: {leased:?}"
+    );
+    assert!(matches!(
+        store.inspect("k").await,
+        Ok(Some(KeyState::InFlight { .. }))
+    ));
+
+    // Ended without its record (the handler failed, or its process died): free at once.
+    transaction.roll_back().await;
+    let (again, transaction) = hold(&store, "k", mine).await;
+    assert!(matches!(again, Reservation::Acquired), "{again:?}");
+    let transaction = transaction.unwrap_or_else(|| panic!("held again"));
+    let record = CompletedRecord::new(mine, None);
+    let committed = transaction
+        .commit_with_record(
+            "k".to_owned(),
+            ReservationToken::generate(),
+            record,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(matches!(committed, Ok(Completion::Stored)), "{committed:?}");
+
+    let (replay, none) = hold(&store, "k", mine).await;
+    assert!(matches!(replay, Reservation::Completed(_)), "{replay:?}");
+    assert!(none.is_none());
+    let leased = reserve_by_lease(&store, "k", mine).await;
+    assert!(
+        matches!(leased, Ok(Reservation::Completed(_))),
+        "{leased:?}"
+    );
+    drop_schema(&url, &schema).await;
+}
+
+/// A database whose schema predates the function that holds keys (migration 0002 not run)
+/// still serves every request: keys are reserved by lease, as before.
+#[actix_rt::test]
+async fn without_the_hold_function_keys_are_reserved_by_lease() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let table = format!("{schema}.keys");
+    let store = store_on(&url, &table).await;
+    sqlx::raw_sql(&format!("DROP FUNCTION {table}_hold"))
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("drop the function: {e}"));
+
+    let (acquired, transaction) = hold(&store, "k", Fingerprint([5; 32])).await;
+    assert!(matches!(acquired, Reservation::Acquired), "{acquired:?}");
+    assert!(transaction.is_none(), "reserved by lease, not held");
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {table} WHERE state = 'in_flight'"
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("count: {e}"));
+    assert_eq!(rows, 1, "the lease row");
+    assert!(
+        store
+            .reserve_held_by_transaction(
+                "k2",
+                ReservationToken::generate(),
+                Fingerprint([5; 32]),
+                Duration::from_secs(1)
+            )
+            .is_none(),
+        "once missing, the function is not asked for again"
+    );
+    drop_schema(&url, &schema).await;
 }
