@@ -69,6 +69,20 @@ if [ -n "${ONLY:-}" ]; then
 fi
 stop_server
 
+# redis-server's CPU time so far (clock ticks, user + system), then the microseconds its
+# commands took (INFO commandstats): scripts (EVALSHA, their own commands included), and every
+# other command (those that scripts call included: Redis counts them under their own names too).
+redis_pid=$(pgrep -x redis-server | head -1 || true)
+redis_cost() {
+  local ticks=0 usec
+  [ -n "$redis_pid" ] && ticks=$(awk '{ print $14 + $15 }' "/proc/$redis_pid/stat")
+  usec=$(redis-cli -u "$REDIS_URL" INFO commandstats | awk -F'[:,=]' '
+    /^cmdstat_/ { if ($1 ~ /^cmdstat_(eval|evalsha|eval_ro|evalsha_ro|fcall|fcall_ro)$/) s += $5; else o += $5 }
+    END { print s + 0, o + 0 }')
+  echo "$ticks $usec"
+}
+ticks_per_second=$(getconf CLK_TCK)
+
 # Prints "requests_per_second p50_ms p99_ms" from wrk's output.
 summarise() {
   awk '
@@ -95,8 +109,14 @@ for round in $(seq 1 "$ROUNDS"); do
   for _ in $(seq 1 "$SLICES"); do
     for case in "${cases[@]}"; do
       read -r name server_name path script <<<"$case"
+      [ "$server_name" = redis ] && redis_before=$(redis_cost)
       $pin_client wrk -t1 -c"$CONNECTIONS" -d"$SLICE" --latency -s "$here/$script.lua" "$(url "$server_name")$path" \
-        | summarise | sed "s/^/$round /" >>"$work/$name"
+        >"$work/slice"
+      summarise <"$work/slice" | sed "s/^/$round /" >>"$work/$name"
+      if [ "$server_name" = redis ]; then
+        # requests, then redis-server's CPU ticks and command microseconds over the slice
+        echo "$(awk '/requests in/ { print $1 }' "$work/slice") $(redis_cost) $redis_before" >>"$work/$name.cost"
+      fi
     done
   done
   stop_server
@@ -141,3 +161,12 @@ if [ -s "$work/pg_fresh" ]; then
   ratio replay_postgres_lease pg_lease_replay pg_bare
 fi
 cat "$work/spread"
+# redis-server's cost per request, over all slices of a case (the INFO calls themselves are
+# counted too: a few microseconds per slice, over thousands of requests).
+for name in redis_fresh redis_replay; do
+  [ -s "$work/$name.cost" ] || continue
+  awk -v name="$name" -v hz="$ticks_per_second" '
+    { requests += $1; ticks += $2 - $5; scripts += $3 - $6; others += $4 - $7 }
+    END { printf "redis-server %s, per request: %.1f us of process CPU; %.1f us in scripts, %.1f us in other commands (those scripts call included)\n",
+          name, ticks / hz * 1e6 / requests, scripts / requests, others / requests }' "$work/$name.cost"
+done

@@ -7,7 +7,14 @@ mod connection;
 #[allow(unreachable_pub, dead_code)]
 pub(crate) mod private_cluster;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
@@ -79,6 +86,11 @@ return 0
 /// without sharded pub/sub (before 7.0) still stores it.
 const COMPLETE: &str = r"
 local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.pcall('SPUBLISH', KEYS[1], '')
+  return 1
+end
 if current == ARGV[2] then
   return 1
 end
@@ -89,11 +101,6 @@ if not current or string.sub(current, 1, 1) == 'f' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.pcall('SPUBLISH', KEYS[1], '')
   return 2
-end
-if string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.pcall('SPUBLISH', KEYS[1], '')
-  return 1
 end
 return 0
 ";
@@ -148,9 +155,13 @@ const COMPLETED: u8 = b'c';
 /// A store on Redis, shared by every instance that points at the same server (or cluster) and
 /// key prefix.
 ///
-/// Each operation is one Lua script on one key (the operator's
-/// [`inspect`](IdempotencyStore::inspect) and [`purge`](IdempotencyStore::purge) too), so a fresh request costs two round trips
-/// (reserve, complete) and a replay one. Reservations and records expire on Redis' own clock
+/// A reservation is one plain `SET .. NX PX .. GET` (Redis 7.0 or later): it takes a free key,
+/// or returns the key's record, which is a replay in one command. Anything else it finds (a
+/// reservation in flight, a freed one) and every other operation is one Lua script on one key
+/// (the operator's [`inspect`](IdempotencyStore::inspect) and
+/// [`purge`](IdempotencyStore::purge) too), so a fresh request costs two round trips (reserve,
+/// complete) and a replay one. (A Redis before 7.0 refuses `NX` with `GET`; the store then
+/// reserves by script only.) Reservations and records expire on Redis' own clock
 /// (`PX`); completing or releasing a key checks the owner's token inside the script, so an
 /// owner whose lease ran out cannot overwrite a newer owner.
 ///
@@ -218,6 +229,9 @@ struct Inner {
     renew: Script,
     inspect: Script,
     purge: Script,
+    /// Whether reservations start with a plain `SET .. NX .. GET` (Redis 7.0 or later): off
+    /// once the server refused it.
+    plain_reserve: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -341,18 +355,56 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
         let mut connection = self.connection().await?;
+        let storage_key = self.key(key);
+        let value = reservation_value(token, fingerprint);
+        let unreadable = |error: StoreError| Reservation::Unreadable {
+            reason: error.to_string(),
+        };
+        if self.inner.plain_reserve.load(Ordering::Relaxed) {
+            // One plain command for the two common cases, a free key and a record (a replay);
+            // anything else (in flight, freed, the same reservation again) is the script's.
+            let answer: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
+                .arg(&storage_key)
+                .arg(&value)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(lease))
+                .arg("GET")
+                .query_async(&mut connection)
+                .await;
+            match answer {
+                Ok(None) => return Ok(Reservation::Acquired),
+                Ok(Some(current)) if current.first() == Some(&COMPLETED) => {
+                    return Ok(match decode_record(&current) {
+                        Ok(record) => Reservation::Completed(Arc::new(record)),
+                        Err(error) => unreadable(error),
+                    });
+                }
+                Ok(Some(_)) => {}
+                // A full Redis refuses every `SET`, even one that would not write; the script
+                // still reads a record (a replay), and is refused only when it writes.
+                Err(error) if matches!(fault_of(&error), BackendFault::Full) => {}
+                // Before Redis 7.0, `SET` takes `NX` or `GET`, not both.
+                Err(error) if error.kind() == redis::ErrorKind::ResponseError => {
+                    if self.inner.plain_reserve.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            "idempotency: this Redis refuses SET .. NX .. GET ({error}); keys \
+                             are reserved by script only"
+                        );
+                    }
+                }
+                Err(error) => return Err(backend(error)),
+            }
+        }
         let answer: Vec<Value> = self
             .inner
             .reserve
-            .key(self.key(key))
-            .arg(reservation_value(token, fingerprint))
+            .key(storage_key)
+            .arg(value)
             .arg(millis(lease))
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
-        let unreadable = |error: StoreError| Reservation::Unreadable {
-            reason: error.to_string(),
-        };
         match answer.as_slice() {
             [Value::Int(0)] => Ok(Reservation::Acquired),
             [Value::Int(1), Value::BulkString(current), Value::Int(pttl)] => {
@@ -666,19 +718,33 @@ impl RedisStoreBuilder {
                 renew: Script::new(RENEW),
                 inspect: Script::new(INSPECT),
                 purge: Script::new(PURGE),
+                plain_reserve: AtomicBool::new(true),
             }),
         })
     }
 }
 
 fn backend(error: redis::RedisError) -> StoreError {
-    // A Redis at `maxmemory` under `noeviction` refuses writes with OOM: the store is full,
-    // which must never turn into an unprotected run the way an outage may under fail-open.
+    match fault_of(&error) {
+        BackendFault::Full => StoreError::Full(error.to_string()),
+        BackendFault::Other => StoreError::Backend(Box::new(error)),
+    }
+}
+
+/// What kind of failure a Redis error is.
+enum BackendFault {
+    /// A Redis at `maxmemory` under `noeviction` refuses writes with OOM: the store is full,
+    /// which must never turn into an unprotected run the way an outage may under fail-open.
+    Full,
+    Other,
+}
+
+fn fault_of(error: &redis::RedisError) -> BackendFault {
     // Redis 7 reports it with the OOM code; older versions wrap it in a script error.
     if error.code() == Some("OOM") || error.to_string().contains("OOM command not allowed") {
-        return StoreError::Full(error.to_string());
+        return BackendFault::Full;
     }
-    StoreError::Backend(Box::new(error))
+    BackendFault::Other
 }
 
 fn millis(duration: Duration) -> u64 {
