@@ -3,7 +3,8 @@
 //! transaction); on a Redis Cluster when `IDEMPOTENCY_REDIS_CLUSTER_URLS=redis://h:p,..` is set;
 //! or on Redis when `IDEMPOTENCY_REDIS_URL` is set. On any of those, several copies on several
 //! ports behave as one server. `IDEMPOTENCY_LEASE_MS` sets the reservation
-//! lease (how soon a crashed request's key is free again). `IDEMPOTENCY_ADMIN_TOKEN` turns on
+//! lease (how soon a crashed request's key is free again). `GET /healthz` says whether the store
+//! answers (200, or 503 with why). `IDEMPOTENCY_ADMIN_TOKEN` turns on
 //! the admin routes (`GET`/`DELETE /admin/idempotency-keys?key=K&path=/orders`, bearer token;
 //! see the README's "Operating it" section).
 //!
@@ -16,11 +17,10 @@
 //!      -H 'Content-Type: application/json' -d '{"item":"book"}'
 //! ```
 
-use idempotency_actix_workspace::orders::serve_from_environment;
+use idempotency_actix_workspace::orders::run_from_environment;
 
 #[actix_web::main]
-async fn main() -> std::io::Result<()> {
+async fn main() -> std::process::ExitCode {
     env_logger::init_from_env(env_logger::Env::new().default_filter_or("info"));
-    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
-    serve_from_environment(&bind).await
+    run_from_environment().await
 }

@@ -357,14 +357,23 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
     let redis_cluster = std::env::var("IDEMPOTENCY_REDIS_CLUSTER_URLS").ok();
     let redis = std::env::var("IDEMPOTENCY_REDIS_URL").ok();
     let (idempotency, orders) = if let Some(url) = database {
+        let starting = Starting(format!("PostgreSQL at {}", without_password(&url)));
+        // A first connection of its own: the store's pool connects lazily, and its timeout
+        // would hide why it could not.
+        <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .map_err(|e| starting.failed(e))?;
         let store = PostgresStore::builder(&url)
             .build()
-            .map_err(std::io::Error::other)?;
-        store.ensure_schema().await.map_err(std::io::Error::other)?;
+            .map_err(|e| starting.failed(e))?;
+        store
+            .ensure_schema()
+            .await
+            .map_err(|e| starting.failed(e))?;
         actix_web::rt::spawn(store.expiry_job().run());
         let orders = Orders::database(store.pool().clone(), "demo_orders")
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| starting.failed(e))?;
         println!("idempotency store: PostgreSQL");
         (middleware(store)?, orders)
     } else if let Some(urls) = redis_cluster {
@@ -373,24 +382,27 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
             .map(str::trim)
             .filter(|url| !url.is_empty())
             .collect();
+        let shown: Vec<String> = urls.iter().map(|url| without_password(url)).collect();
+        let starting = Starting(format!("the Redis Cluster at {}", shown.join(",")));
         let store = RedisStore::cluster_builder(&urls)
             .key_prefix("orders-demo:idempotency:")
             .build()
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| starting.failed(e))?;
         let orders = Orders::shared_in_cluster(&urls, "orders-demo:next-order-id")
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| starting.failed(e))?;
         println!("idempotency store: Redis Cluster at {}", urls.join(","));
         (middleware(store)?, orders)
     } else if let Some(url) = redis {
+        let starting = Starting(format!("Redis at {}", without_password(&url)));
         let store = RedisStore::builder(&url)
             .key_prefix("orders-demo:idempotency:")
             .build()
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| starting.failed(e))?;
         let orders = Orders::shared(&url, "orders-demo:next-order-id")
             .await
-            .map_err(std::io::Error::other)?;
-        println!("idempotency store: Redis at {url}");
+            .map_err(|e| starting.failed(e))?;
+        println!("idempotency store: Redis at {}", without_password(&url));
         (middleware(store)?, orders)
     } else {
         println!("idempotency store: in memory");
@@ -411,20 +423,83 @@ pub async fn serve_from_environment(bind: &str) -> std::io::Result<()> {
         idempotency.admin(),
         std::env::var("IDEMPOTENCY_ADMIN_TOKEN").ok(),
     );
+    let health = health_route(idempotency.clone());
     let server = HttpServer::new(move || {
         App::new()
             .wrap(idempotency.clone())
             .wrap(access_log())
             .configure(routes(orders.clone()))
+            .configure(health.clone())
             .configure(metrics_route(metrics.clone()))
             .configure(admin_routes(admin.clone()))
     })
-    .bind(bind)?;
+    .bind(bind)
+    .map_err(|e| Starting(format!("cannot listen on {bind}")).failed(e))?;
     for address in server.addrs() {
         println!("listening on http://{address}");
     }
     std::io::stdout().flush()?;
     server.run().await.map_err(explain_startup_error)
+}
+
+/// What a start-up step works with, to put in front of its error: the failure's one line.
+struct Starting(String);
+
+impl Starting {
+    fn failed(&self, error: impl std::fmt::Display) -> std::io::Error {
+        std::io::Error::other(format!("{}: {error}", self.0))
+    }
+}
+
+/// `url` without the password its user part may hold, to be printed.
+fn without_password(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// The demo server as its binaries run it: on `BIND` (default `127.0.0.1:8080`), configured
+/// from the environment ([`serve_from_environment`]). A failure to start is one line on
+/// stderr, `orders demo: ..`, and a failing exit status.
+pub async fn run_from_environment() -> std::process::ExitCode {
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
+    match serve_from_environment(&bind).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("orders demo: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `GET /healthz`, for readiness probes: 200 when the idempotency store answers, 503 with the
+/// reason (as `application/problem+json`) when it does not. A `GET` carries no key, so the
+/// middleware lets it through.
+pub fn health_route(
+    idempotency: IdempotencyMiddleware,
+) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    move |config| {
+        config.app_data(web::Data::new(idempotency.clone())).route(
+            "/healthz",
+            web::get().to(|idempotency: web::Data<IdempotencyMiddleware>| async move {
+                match idempotency.health().await {
+                    Ok(()) => HttpResponse::Ok().json(json!({ "status": "ok" })),
+                    Err(why) => HttpResponse::ServiceUnavailable()
+                        .content_type("application/problem+json")
+                        .body(
+                            json!({
+                                "type": "about:blank",
+                                "title": "Idempotency store unavailable",
+                                "status": 503,
+                                "detail": why.to_string(),
+                            })
+                            .to_string(),
+                        ),
+                }
+            }),
+        );
+    }
 }
 
 /// The demo's access log: the path without the query string, since the admin routes take a

@@ -139,6 +139,34 @@ impl std::fmt::Debug for IdempotencyAdmin {
 }
 
 impl IdempotencyMiddleware {
+    /// Whether every store of this middleware answers (see
+    /// [`IdempotencyStore::health`](crate::IdempotencyStore::health)), for a readiness probe:
+    /// the first store that does not, with why.
+    ///
+    /// ```
+    /// use actix_web::{web, HttpResponse};
+    /// use idempotency_actix::{IdempotencyMiddleware, MemoryStore};
+    ///
+    /// async fn ready(idempotency: web::Data<IdempotencyMiddleware>) -> HttpResponse {
+    ///     match idempotency.health().await {
+    ///         Ok(()) => HttpResponse::Ok().finish(),
+    ///         Err(why) => HttpResponse::ServiceUnavailable().body(why.to_string()),
+    ///     }
+    /// }
+    /// # actix_web::rt::System::new().block_on(async {
+    /// let idempotency = IdempotencyMiddleware::new(MemoryStore::default());
+    /// assert!(idempotency.health().await.is_ok());
+    /// # let _ = ready;
+    /// # });
+    /// ```
+    pub async fn health(&self) -> Result<(), crate::StoreError> {
+        let config = self.shared_config();
+        for store in config.stores() {
+            store.health().await?;
+        }
+        Ok(())
+    }
+
     /// Support tools on this middleware's stores, with its key encoder: see
     /// [`IdempotencyAdmin`].
     pub fn admin(&self) -> IdempotencyAdmin {

@@ -301,6 +301,10 @@ impl<S: IdempotencyStore> DynStore for Observed<S> {
         ))
     }
 
+    fn health(&self) -> LocalBoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(IdempotencyStore::health(&self.inner))
+    }
+
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {
         Box::pin(IdempotencyStore::wait_for_change(&self.inner, key, within))
     }

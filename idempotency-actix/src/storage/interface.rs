@@ -107,6 +107,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// them on a purge too.
     fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>>;
 
+    /// Whether the store answers, for readiness probes: one cheap round trip (a Redis `PING`,
+    /// a PostgreSQL `SELECT 1` on the store's own connections), bounded by the store's
+    /// timeouts; it changes nothing. The default, for a store in the process's own memory,
+    /// always answers.
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> {
+        std::future::ready(Ok(()))
+    }
+
     /// Waits until the reservation on `key` may have been completed or freed, for at most
     /// `within`; a duplicate request then looks again with [`reserve`](Self::reserve).
     ///
@@ -167,6 +175,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     ) -> LocalBoxFuture<'a, Result<Option<KeyState>, StoreError>>;
 
     fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>>;
+
+    fn health(&self) -> LocalBoxFuture<'_, Result<(), StoreError>>;
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()>;
 
@@ -268,6 +278,10 @@ impl<S: IdempotencyStore> DynStore for S {
 
     fn purge<'a>(&'a self, key: &'a str) -> LocalBoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(IdempotencyStore::purge(self, key))
+    }
+
+    fn health(&self) -> LocalBoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(IdempotencyStore::health(self))
     }
 
     fn wait_for_change<'a>(&'a self, key: &'a str, within: Duration) -> LocalBoxFuture<'a, ()> {

@@ -629,6 +629,14 @@ impl IdempotencyStore for RedisStore {
         self.purge_key(key)
     }
 
+    async fn health(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(backend)
+    }
+
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {
         self.wait_for_end(key, within)
     }

@@ -418,6 +418,15 @@ impl IdempotencyStore for PostgresStore {
     fn purge(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> {
         self.purge_key(key)
     }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *connection)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
 }
 
 enum Source {

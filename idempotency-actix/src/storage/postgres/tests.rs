@@ -318,3 +318,21 @@ async fn without_the_hold_function_keys_are_reserved_by_lease() {
     );
     drop_schema(&url, &schema).await;
 }
+
+/// `health` answers for a database that answers, and says why for one that does not.
+#[actix_rt::test]
+async fn health_says_whether_the_database_answers() {
+    let unreachable = PostgresStore::builder("postgres://nobody@127.0.0.1:1/none")
+        .acquire_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    assert!(unreachable.health().await.is_err());
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let store = PostgresStore::builder(&url)
+        .build()
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    let healthy = store.health().await;
+    assert!(healthy.is_ok(), "{healthy:?}");
+}
