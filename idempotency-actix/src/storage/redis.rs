@@ -245,6 +245,7 @@ impl std::fmt::Debug for RedisStore {
                 let addresses: Vec<_> = nodes.iter().map(|node| &node.addr).collect();
                 f.field("cluster", &addresses)
             }
+            Target::Given(_) => f.field("connection", &"given by the application"),
         };
         f.field("prefix", &inner.prefix)
             .field("connected", &inner.connection.initialized())
@@ -311,6 +312,39 @@ impl RedisStore {
                 .map(|url| url.as_ref().trim().to_owned())
                 .collect(),
         ))
+    }
+
+    /// A builder for a store on a connection the application already has (one pool per
+    /// backend): its commands go through `connection`, and the connection's own settings
+    /// apply to them: give it a response timeout
+    /// (`ConnectionManagerConfig::set_response_timeout`), or a request waits as long as Redis
+    /// does. With no URL of its own, the store cannot subscribe to wake waiting duplicates:
+    /// they poll (every 5 ms, backing off to 50 ms), which costs them a little latency and
+    /// Redis a few reads.
+    ///
+    /// ```no_run
+    /// use idempotency_actix::RedisStore;
+    /// use redis::aio::ConnectionManager;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let connection = ConnectionManager::new(client).await?;
+    /// let store = RedisStore::builder_from_connection(connection.clone()).build()?;
+    /// # let _ = store;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder_from_connection(connection: redis::aio::ConnectionManager) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Servers::Given(Connection::Node(connection)))
+    }
+
+    /// A builder for a store on a Redis Cluster connection the application already has; as
+    /// [`builder_from_connection`](Self::builder_from_connection).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster_builder_from_connection(
+        connection: redis::cluster_async::ClusterConnection,
+    ) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Servers::Given(Connection::Cluster(connection)))
     }
 
     /// The store's connection, made on first use. A request waits for it no longer than the
@@ -657,12 +691,25 @@ pub struct RedisStoreBuilder {
     response_timeout: Duration,
 }
 
-/// The URLs a builder was given.
-#[derive(Debug, Clone)]
+/// The URLs, or the connection, a builder was given.
+#[derive(Clone)]
 enum Servers {
     Node(String),
     #[cfg(feature = "redis-cluster")]
     Cluster(Vec<String>),
+    Given(Connection),
+}
+
+impl std::fmt::Debug for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // A URL may carry a password.
+            Self::Node(_) => f.write_str("Node(..)"),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(urls) => write!(f, "Cluster({} nodes)", urls.len()),
+            Self::Given(_) => f.write_str("Given(..)"),
+        }
+    }
 }
 
 impl RedisStoreBuilder {
@@ -707,8 +754,17 @@ impl RedisStoreBuilder {
             Servers::Node(url) => Target::node(url),
             #[cfg(feature = "redis-cluster")]
             Servers::Cluster(urls) => Target::cluster(urls),
+            Servers::Given(connection) => Ok(Target::Given(connection.clone())),
         }
         .map_err(backend)?;
+        let connection = match &target {
+            Target::Given(connection) => OnceCell::new_with(Some(connection.clone())),
+            _ => OnceCell::new(),
+        };
+        let changes = match &target {
+            Target::Given(_) => Changes::polling(),
+            _ => Changes::new(),
+        };
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 target,
@@ -716,9 +772,9 @@ impl RedisStoreBuilder {
                     connection: self.connection_timeout,
                     response: self.response_timeout,
                 },
-                connection: OnceCell::new(),
+                connection,
                 settings_checked: std::sync::atomic::AtomicBool::new(false),
-                changes: Changes::new(),
+                changes,
                 prefix: self.prefix,
                 reserve: Script::new(RESERVE),
                 complete: Script::new(COMPLETE),
@@ -938,6 +994,56 @@ mod tests {
         delete_prefixed(&url, &prefix).await;
     }
 
+    /// A store on the application's own connection keeps the same contract, and its waiting
+    /// duplicates, with no subscriber, find the record by polling.
+    #[actix_rt::test]
+    async fn a_store_on_the_applications_connection_keeps_the_store_contract() {
+        let Some(url) = test_redis_url().await else {
+            return;
+        };
+        let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let connection = redis::aio::ConnectionManager::new(client)
+            .await
+            .unwrap_or_else(|e| panic!("connection: {e}"));
+        let prefix =
+            keeps_the_store_contract(|| RedisStore::builder_from_connection(connection.clone()))
+                .await;
+
+        let store = RedisStore::builder_from_connection(connection.clone())
+            .key_prefix(format!("{prefix}wait:"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"));
+        assert_eq!(IdempotencyStore::longest_notified_wait(&store), None);
+        let token = ReservationToken::generate();
+        let fingerprint = Fingerprint([9; 32]);
+        let reserved = store
+            .reserve("k", token, fingerprint, Duration::from_secs(30))
+            .await;
+        assert!(
+            matches!(reserved, Ok(Reservation::Acquired)),
+            "{reserved:?}"
+        );
+        let record = CompletedRecord::new(fingerprint, None);
+        let completed = store
+            .complete("k", token, record, Duration::from_secs(60))
+            .await;
+        assert!(matches!(completed, Ok(Completion::Stored)), "{completed:?}");
+        let replay = store
+            .reserve(
+                "k",
+                ReservationToken::generate(),
+                fingerprint,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert!(
+            matches!(replay, Ok(Reservation::Completed(_))),
+            "{replay:?}"
+        );
+        assert!(store.health().await.is_ok());
+        delete_prefixed(&url, &prefix).await;
+    }
+
     #[cfg(feature = "redis-cluster")]
     #[actix_rt::test]
     async fn redis_cluster_store_keeps_the_store_contract() {
@@ -954,6 +1060,25 @@ mod tests {
             keys.iter().filter(|&&n| n > 0).count() >= 2,
             "the suite's keys must land on several nodes: {keys:?}"
         );
+    }
+
+    #[cfg(feature = "redis-cluster")]
+    #[actix_rt::test]
+    async fn a_store_on_the_applications_cluster_connection_keeps_the_store_contract() {
+        let Some(cluster) = PrivateRedisCluster::start_or_skip(
+            "a_store_on_the_applications_cluster_connection_keeps_the_store_contract",
+        ) else {
+            return;
+        };
+        let connection = redis::cluster::ClusterClient::new(cluster.urls())
+            .unwrap_or_else(|e| panic!("client: {e}"))
+            .get_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connection: {e}"));
+        keeps_the_store_contract(|| {
+            RedisStore::cluster_builder_from_connection(connection.clone())
+        })
+        .await;
     }
 
     /// Waits whose deadline falls at any moment, while the subscription is being made

@@ -41,6 +41,8 @@ pub(super) struct Changes {
     waiting: Arc<Waiting>,
     /// Until when waiting duplicates poll instead, after the subscriber failed.
     unavailable_until: Mutex<Option<Instant>>,
+    /// Waiting duplicates always poll.
+    never: bool,
 }
 
 impl Changes {
@@ -49,15 +51,26 @@ impl Changes {
             subscriber: OnceCell::new(),
             waiting: Arc::new(Waiting::default()),
             unavailable_until: Mutex::new(None),
+            never: false,
+        }
+    }
+
+    /// No subscriber ever (a store with no URL to make one with): waiting duplicates poll.
+    pub(super) fn polling() -> Self {
+        Self {
+            never: true,
+            ..Self::new()
         }
     }
 
     /// Whether waiting duplicates can count on being woken (the subscriber did not fail in the
     /// last second).
     pub(super) fn available(&self) -> bool {
-        self.unavailable_until
-            .lock()
-            .is_none_or(|until| Instant::now() >= until)
+        !self.never
+            && self
+                .unavailable_until
+                .lock()
+                .is_none_or(|until| Instant::now() >= until)
     }
 
     /// Waiting duplicates poll for a while: the subscriber, or Redis, failed with `error`.

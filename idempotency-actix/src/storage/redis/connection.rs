@@ -56,6 +56,9 @@ pub(super) enum Target {
     Node(ConnectionInfo),
     #[cfg(feature = "redis-cluster")]
     Cluster(Vec<ConnectionInfo>),
+    /// A connection the application made and handed over: the store makes none of its own,
+    /// so it has no subscriber, and waiting duplicates poll.
+    Given(Connection),
 }
 
 /// How long connecting and each command may take.
@@ -93,6 +96,7 @@ impl Target {
     /// default).
     pub(super) async fn connect(&self, timeouts: Timeouts) -> RedisResult<Connection> {
         match self {
+            Self::Given(connection) => Ok(connection.clone()),
             Self::Node(node) => {
                 let client = Client::open(node.clone())?;
                 ConnectionManager::new_with_config(client, manager_settings(timeouts))
@@ -116,6 +120,10 @@ impl Target {
         pushes: impl AsyncPushSender,
     ) -> RedisResult<Connection> {
         match self {
+            Self::Given(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a store on a connection it was given has no URL to subscribe with",
+            ))),
             Self::Node(node) => {
                 let mut node = node.clone();
                 node.redis.protocol = ProtocolVersion::RESP3;
