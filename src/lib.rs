@@ -9,6 +9,7 @@ pub mod postgres;
 mod private_cluster;
 #[path = "../idempotency-actix/src/storage/postgres/test_database.rs"]
 mod test_database;
+pub mod tls;
 pub mod work;
 
 pub use private_cluster::PrivateRedisCluster;

@@ -21,7 +21,7 @@ use tokio::sync::OnceCell;
 
 use self::{
     changes::Changes,
-    connection::{Connection, Target, Timeouts},
+    connection::{Certificates, Connection, Target, Timeouts},
 };
 use super::{
     CompletedRecord, Completion, IdempotencyStore, KeyState, Renewal, Reservation,
@@ -241,7 +241,7 @@ impl std::fmt::Debug for RedisStore {
         match &inner.target {
             Target::Node(node) => f.field("server", &node.addr),
             #[cfg(feature = "redis-cluster")]
-            Target::Cluster(nodes) => {
+            Target::Cluster(nodes, _) => {
                 let addresses: Vec<_> = nodes.iter().map(|node| &node.addr).collect();
                 f.field("cluster", &addresses)
             }
@@ -689,6 +689,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     connection_timeout: Duration,
     response_timeout: Duration,
+    certificates: Certificates,
 }
 
 /// The URLs, or the connection, a builder was given.
@@ -719,6 +720,7 @@ impl RedisStoreBuilder {
             prefix: "idempotency:".to_owned(),
             connection_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
+            certificates: Certificates::default(),
         }
     }
 
@@ -748,12 +750,44 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Verifies a `rediss://` server against these CA certificates (PEM) instead of the
+    /// platform's roots (which honour `SSL_CERT_FILE`): for a private CA. A server whose
+    /// certificate they do not sign is refused; nothing falls back to plain text.
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.certificates
+            .given
+            .get_or_insert_with(no_certificates)
+            .root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and its private key (both PEM) to a `rediss://`
+    /// server that requires them (mutual TLS, `tls-auth-clients yes`).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.certificates
+            .given
+            .get_or_insert_with(no_certificates)
+            .client_tls = Some(redis::ClientTlsConfig {
+            client_cert: certificate_pem.into(),
+            client_key: key_pem.into(),
+        });
+        self
+    }
+
     /// Checks the URLs and builds the store. No connection is made until the first request.
     pub fn build(self) -> Result<RedisStore, StoreError> {
         let target = match &self.servers {
-            Servers::Node(url) => Target::node(url),
+            Servers::Node(url) => Target::node(url, &self.certificates),
             #[cfg(feature = "redis-cluster")]
-            Servers::Cluster(urls) => Target::cluster(urls),
+            Servers::Cluster(urls) => Target::cluster(urls, &self.certificates),
             Servers::Given(connection) => Ok(Target::Given(connection.clone())),
         }
         .map_err(backend)?;
@@ -809,6 +843,14 @@ fn fault_of(error: &redis::RedisError) -> BackendFault {
         return BackendFault::Full;
     }
     BackendFault::Other
+}
+
+#[cfg(feature = "redis-tls")]
+fn no_certificates() -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: None,
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -50,12 +50,49 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Certificates for `rediss://` beyond the platform's roots: a private CA, a client
+/// certificate for mutual TLS.
+#[derive(Clone, Default)]
+pub(super) struct Certificates {
+    #[cfg(feature = "redis-tls")]
+    pub(super) given: Option<redis::TlsCertificates>,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A client key must not reach a log.
+        #[cfg(feature = "redis-tls")]
+        if self.given.is_some() {
+            return f.write_str("Certificates(given)");
+        }
+        f.write_str("Certificates(platform)")
+    }
+}
+
+impl Certificates {
+    /// The connection to `node`, with these certificates when it is a TLS one.
+    fn applied_to(&self, node: ConnectionInfo) -> RedisResult<ConnectionInfo> {
+        #[cfg(feature = "redis-tls")]
+        if let Some(given) = &self.given {
+            if !matches!(node.addr, redis::ConnectionAddr::TcpTls { .. }) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "TLS certificates were given for a URL without TLS (use rediss://)",
+                )));
+            }
+            return Client::build_with_tls(node, given.clone())
+                .map(|client| client.get_connection_info().clone());
+        }
+        Ok(node)
+    }
+}
+
 /// What the store connects to, checked when the store is built.
 #[derive(Clone)]
 pub(super) enum Target {
     Node(ConnectionInfo),
     #[cfg(feature = "redis-cluster")]
-    Cluster(Vec<ConnectionInfo>),
+    Cluster(Vec<ConnectionInfo>, Certificates),
     /// A connection the application made and handed over: the store makes none of its own,
     /// so it has no subscriber, and waiting duplicates poll.
     Given(Connection),
@@ -69,12 +106,14 @@ pub(super) struct Timeouts {
 }
 
 impl Target {
-    pub(super) fn node(url: &str) -> RedisResult<Self> {
-        url.into_connection_info().map(Self::Node)
+    pub(super) fn node(url: &str, certificates: &Certificates) -> RedisResult<Self> {
+        certificates
+            .applied_to(url.into_connection_info()?)
+            .map(Self::Node)
     }
 
     #[cfg(feature = "redis-cluster")]
-    pub(super) fn cluster<I, S>(urls: I) -> RedisResult<Self>
+    pub(super) fn cluster<I, S>(urls: I, certificates: &Certificates) -> RedisResult<Self>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -89,7 +128,10 @@ impl Target {
                 "a Redis Cluster store needs the URL of at least one node",
             )));
         }
-        Ok(Self::Cluster(nodes))
+        for node in &nodes {
+            certificates.applied_to(node.clone())?;
+        }
+        Ok(Self::Cluster(nodes, certificates.clone()))
     }
 
     /// The connection the store's commands use (the protocol the URLs ask for, RESP2 by
@@ -104,7 +146,7 @@ impl Target {
                     .map(Connection::Node)
             }
             #[cfg(feature = "redis-cluster")]
-            Self::Cluster(nodes) => cluster_client(nodes, timeouts)
+            Self::Cluster(nodes, certificates) => cluster_client(nodes, certificates, timeouts)
                 .build()?
                 .get_async_connection()
                 .await
@@ -133,7 +175,7 @@ impl Target {
                     .map(Connection::Node)
             }
             #[cfg(feature = "redis-cluster")]
-            Self::Cluster(nodes) => cluster_client(nodes, timeouts)
+            Self::Cluster(nodes, certificates) => cluster_client(nodes, certificates, timeouts)
                 .use_protocol(ProtocolVersion::RESP3)
                 .push_sender(pushes)
                 .build()?
@@ -159,12 +201,19 @@ fn manager_settings(timeouts: Timeouts) -> ConnectionManagerConfig {
 #[cfg(feature = "redis-cluster")]
 fn cluster_client(
     nodes: &[ConnectionInfo],
+    certificates: &Certificates,
     timeouts: Timeouts,
 ) -> redis::cluster::ClusterClientBuilder {
-    redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+    let builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
         .connection_timeout(timeouts.connection)
         .response_timeout(timeouts.response)
         .retries(3)
         .min_retry_wait(5)
-        .max_retry_wait(100)
+        .max_retry_wait(100);
+    #[cfg(feature = "redis-tls")]
+    if let Some(given) = &certificates.given {
+        return builder.certs(given.clone());
+    }
+    let _ = certificates;
+    builder
 }

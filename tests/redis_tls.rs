@@ -1,0 +1,160 @@
+//! `RedisStore` over TLS (`rediss://`, feature `redis-tls`), against real `redis-server`s on
+//! TLS ports with certificates made for the test by `openssl`: the store contract, mutual TLS,
+//! a wrong CA refused, and two instances of the demo sharing one TLS Redis.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::future::join_all;
+use idempotency_actix::{storage::conformance, IdempotencyStore, RedisStore};
+use idempotency_actix_workspace::{
+    post_keyed,
+    postgres::DemoProcess,
+    tls::{openssl_available, TestCertificates, TlsRedis},
+    work::fresh_client,
+};
+use actix_web::http::StatusCode;
+
+const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
+
+/// Certificates and a TLS Redis, or `None` (said loudly) where the machine cannot run them;
+/// never `None` under `IDEMPOTENCY_REQUIRE_REDIS=1`.
+fn tls_redis_or_skip(
+    test: &str,
+    clients_must_present: bool,
+) -> Option<(TestCertificates, TlsRedis)> {
+    let required = std::env::var("IDEMPOTENCY_REQUIRE_REDIS").as_deref() == Ok("1");
+    let started = openssl_available()
+        .then(|| {
+            let certificates = TestCertificates::make()?;
+            let redis = TlsRedis::start(&certificates, clients_must_present)?;
+            std::io::Result::Ok((certificates, redis))
+        })
+        .ok_or_else(|| std::io::Error::other("openssl is not installed"))
+        .and_then(|started| started);
+    match started {
+        Ok(started) => Some(started),
+        Err(error) if required => panic!("{test}: IDEMPOTENCY_REQUIRE_REDIS=1 but {error}"),
+        Err(error) => {
+            eprintln!("\n*** SKIPPED {test}: {error} ***\n");
+            None
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn redis_over_tls_keeps_the_store_contract() {
+    let Some((certificates, redis)) = tls_redis_or_skip("redis_over_tls", false) else {
+        return;
+    };
+    let ca = certificates.read("ca.pem");
+    let next = AtomicU64::new(0);
+    conformance::run_all(|| {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        RedisStore::builder(&redis.url())
+            .tls_root_certificates(ca.clone())
+            .key_prefix(format!("case{n}:"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"))
+    })
+    .await;
+}
+
+/// A server that requires client certificates refuses a store without one, and serves one
+/// with the certificate its CA signed.
+#[actix_rt::test]
+async fn mutual_tls_needs_the_client_certificate() {
+    let Some((certificates, redis)) = tls_redis_or_skip("mutual_tls", true) else {
+        return;
+    };
+    let ca = certificates.read("ca.pem");
+    let anonymous = RedisStore::builder(&redis.url())
+        .tls_root_certificates(ca.clone())
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    assert!(
+        anonymous.health().await.is_err(),
+        "served without a client certificate"
+    );
+
+    let presenting = RedisStore::builder(&redis.url())
+        .tls_root_certificates(ca)
+        .tls_client_certificate(
+            certificates.read("client.pem"),
+            certificates.read("client.key"),
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    let healthy = presenting.health().await;
+    assert!(healthy.is_ok(), "{healthy:?}");
+}
+
+/// A server whose certificate the given CA did not sign is refused with an error that says so;
+/// nothing falls back to plain text, and certificates given for a plain URL are refused when
+/// the store is built.
+#[actix_rt::test]
+async fn a_wrong_ca_is_refused_never_downgraded() {
+    let Some((certificates, redis)) = tls_redis_or_skip("a_wrong_ca", false) else {
+        return;
+    };
+    let wrong = RedisStore::builder(&redis.url())
+        .tls_root_certificates(certificates.read("other-ca.pem"))
+        .build()
+        .unwrap_or_else(|e| panic!("store: {e}"));
+    let refused = wrong.health().await;
+    let error = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "refused without saying why: {error:?}"
+    );
+
+    let plain_url = format!("redis://localhost:{}", redis.port());
+    let plain = RedisStore::builder(&plain_url)
+        .tls_root_certificates(certificates.read("ca.pem"))
+        .build();
+    assert!(plain.is_err(), "certificates given for a plain URL");
+}
+
+/// Two demo processes on one TLS Redis (`IDEMPOTENCY_REDIS_URL=rediss://..`, the CA through
+/// `SSL_CERT_FILE`, as a platform's roots would hold it): concurrent duplicates spread over
+/// both create one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demo_instances_on_a_tls_redis_create_one_order() {
+    let Some((certificates, redis)) = tls_redis_or_skip("two_demo_instances_on_tls", false) else {
+        return;
+    };
+    let url = redis.url();
+    let ca = certificates.file("ca.pem").display().to_string();
+    let environment = [
+        ("IDEMPOTENCY_REDIS_URL", url.as_str()),
+        ("SSL_CERT_FILE", ca.as_str()),
+    ];
+    let demos = [
+        DemoProcess::start(DEMO, &environment),
+        DemoProcess::start(DEMO, &environment),
+    ];
+    let answers = join_all((0..10).map(|n| {
+        let url = demos[n % 2].url("/orders");
+        async move { post_keyed(&fresh_client(), &url, "tls-order", r#"{"item":"book"}"#).await }
+    }))
+    .await;
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|answer| answer.status == StatusCode::CREATED && !answer.is_replay())
+        .collect();
+    assert_eq!(created.len(), 1, "{answers:?}");
+    for answer in &answers {
+        assert!(
+            answer.status == StatusCode::CONFLICT || answer.body == created[0].body,
+            "{answer:?}"
+        );
+    }
+    let count: serde_json::Value = fresh_client()
+        .get(demos[1].url("/orders/count"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    assert_eq!(count["count"], 1);
+}
