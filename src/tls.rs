@@ -235,3 +235,153 @@ impl Drop for TlsRedis {
         let _ = self.child.wait();
     }
 }
+
+/// The directory of PostgreSQL's server programs (`initdb`, `pg_ctl`), if installed.
+pub fn postgres_programs() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists() && bin.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// A PostgreSQL cluster of its own (`initdb` as the `postgres` user, into a scratch
+/// directory) on a free port, accepting TLS connections only (`hostssl` in `pg_hba.conf`),
+/// with the server certificate of a [`TestCertificates`]; stopped when dropped.
+#[derive(Debug)]
+pub struct TlsPostgres {
+    port: u16,
+    programs: PathBuf,
+    data: PathBuf,
+    _directory: ScratchDirectory,
+}
+
+impl TlsPostgres {
+    /// Creates and starts it (a few seconds).
+    pub fn start(certificates: &TestCertificates, programs: &Path) -> std::io::Result<Self> {
+        let directory = ScratchDirectory::new("pg-tls")?;
+        let data = directory.path().join("data");
+        run(
+            &["chown", "-R", "postgres:postgres", &shown(directory.path())],
+            As::Root,
+        )?;
+        run(
+            &[
+                &shown(&programs.join("initdb")),
+                "-D",
+                &shown(&data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+            As::Postgres,
+        )?;
+        for name in ["server.pem", "server.key"] {
+            std::fs::copy(certificates.file(name), data.join(name))?;
+        }
+        let port = free_port()?;
+        let mut settings = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(
+            &mut settings,
+            format!(
+                "\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
+                 unix_socket_directories = '{}'\nssl = on\n\
+                 ssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nfsync = off\n",
+                directory.path().display()
+            )
+            .as_bytes(),
+        )?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )?;
+        run(
+            &["chown", "-R", "postgres:postgres", &shown(directory.path())],
+            As::Root,
+        )?;
+        run(
+            &["chmod", "600", &shown(&data.join("server.key"))],
+            As::Root,
+        )?;
+        run(
+            &[
+                &shown(&programs.join("pg_ctl")),
+                "-D",
+                &shown(&data),
+                "-l",
+                &shown(&directory.path().join("log")),
+                "-w",
+                "start",
+            ],
+            As::Postgres,
+        )?;
+        Ok(Self {
+            port,
+            programs: programs.to_path_buf(),
+            data,
+            _directory: directory,
+        })
+    }
+
+    /// A URL for database `postgres` on it, by name (the certificate's name), with these
+    /// query parameters (`sslmode=..&sslrootcert=..`).
+    pub fn url(&self, parameters: &str) -> String {
+        format!(
+            "postgres://postgres@localhost:{}/postgres?{parameters}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = run(
+            &[
+                &shown(&self.programs.join("pg_ctl")),
+                "-D",
+                &shown(&self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            As::Postgres,
+        );
+    }
+}
+
+fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Who runs a command.
+#[derive(Debug, Clone, Copy)]
+enum As {
+    /// This process's user (root, to hand files over).
+    Root,
+    /// The `postgres` user: PostgreSQL refuses to run as root.
+    Postgres,
+}
+
+fn run(command: &[&str], who: As) -> std::io::Result<()> {
+    let output = match who {
+        As::Root => Command::new(command[0]).args(&command[1..]).output()?,
+        As::Postgres => Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(command)
+            .output()?,
+    };
+    if !output.status.success() {
+        return Err(std::io::Error::other(format!(
+            "{}: {}",
+            command.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use actix_web::http::StatusCode;
 use futures_util::future::join_all;
 use idempotency_actix::{storage::conformance, IdempotencyStore, RedisStore};
 use idempotency_actix_workspace::{
@@ -12,7 +13,6 @@ use idempotency_actix_workspace::{
     tls::{openssl_available, TestCertificates, TlsRedis},
     work::fresh_client,
 };
-use actix_web::http::StatusCode;
 
 const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
 
