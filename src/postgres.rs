@@ -156,6 +156,22 @@ impl DemoProcess {
         format!("http://{}{path}", self.address)
     }
 
+    /// Sends it SIGTERM (a graceful shutdown) without waiting for it to exit.
+    pub fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        assert!(
+            sent.is_ok_and(|status| status.success()),
+            "kill -TERM failed"
+        );
+    }
+
+    /// Waits until it exited; whether it exited successfully.
+    pub fn wait(&mut self) -> bool {
+        self.child.wait().is_ok_and(|status| status.success())
+    }
+
     /// Kills it with SIGKILL: no shutdown, no cleanup.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

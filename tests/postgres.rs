@@ -523,7 +523,8 @@ fn shutdown_server(database: &FreshDatabase, lease_ms: &str) -> (std::process::C
 
 /// SIGTERM while a transactional handler runs, and a shutdown that does not wait for it: the
 /// server stops without a panic, nothing the handler wrote is committed, and the key is left as
-/// a crash leaves it (free once its lease ends), so a retry on a new instance runs once.
+/// a crash leaves it (free at once: its transaction held it), so a retry on a new instance runs
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_off_by_shutdown_leaves_its_key_as_a_crash_would_without_a_panic() {
     use std::io::Read;
@@ -571,9 +572,9 @@ async fn a_request_cut_off_by_shutdown_leaves_its_key_as_a_crash_would_without_a
     assert!(cut_off.as_ref().map_or(true, |s| *s >= 500), "{cut_off:?}");
     assert_eq!(database.number("SELECT count(*) FROM effects").await, 0);
 
-    // A new instance: the key is in flight until the lease ends, then the retry runs once.
-    let (_second, second_url) = shutdown_server(&database, "1500");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // A new instance: the key was held by the transaction that ended with the process, so
+    // the retry runs at once, and once.
+    let (_second, second_url) = shutdown_server(&database, "60000");
     let retried = tokio::time::timeout(
         Duration::from_secs(15),
         post_keyed(&fresh_client(), &second_url, "cut-off", "{}"),
@@ -925,4 +926,43 @@ async fn a_key_held_by_its_transaction_never_runs_without_it() {
     let replayed = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
     assert!(replayed.is_replay(), "{replayed:?}");
     assert_eq!(runs.count(), 2);
+}
+
+/// SIGTERM while a keyed request runs, with the shutdown's default patience: the request
+/// finishes, its client gets the answer and its record is stored, so a retry on the next
+/// instance is a replay and one order exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_finishes_the_running_request_and_stores_its_record() {
+    let test = "a_graceful_shutdown_finishes";
+    let Some(url) = postgres_url_or_skip(test).await else {
+        return;
+    };
+    let database = FreshDatabase::create(&url, test).await;
+    let environment = [("IDEMPOTENCY_DATABASE_URL", database.url())];
+    let environment: Vec<(&str, &str)> = environment
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let mut stopping = DemoProcess::start(DEMO, &environment);
+    let running = tokio::spawn({
+        let url = stopping.url("/orders/slow");
+        async move { post_keyed(&fresh_client(), &url, "graceful", ORDER).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stopping.terminate();
+    let answered = running.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answered.status, StatusCode::CREATED, "{answered:?}");
+    assert!(stopping.wait(), "the demo did not exit cleanly on SIGTERM");
+
+    let next = DemoProcess::start(DEMO, &environment);
+    let retried = post_keyed(
+        &fresh_client(),
+        &next.url("/orders/slow"),
+        "graceful",
+        ORDER,
+    )
+    .await;
+    assert!(retried.is_replay(), "{retried:?}");
+    assert_eq!(retried.body, answered.body);
+    assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
 }
