@@ -371,6 +371,40 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// What the demo's `GET /orders/count` at `url` says, over a real connection.
+pub async fn order_count(url: &str) -> u64 {
+    let answer = work::fresh_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    body["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count in {body}"))
+}
+
+/// The one answer among concurrent duplicates that ran the handler (201, not a replay); every
+/// other answer is 409 or a replay of it.
+pub fn the_one_created(answers: &[Received]) -> &Received {
+    let created: Vec<&Received> = answers
+        .iter()
+        .filter(|answer| {
+            answer.status == actix_web::http::StatusCode::CREATED && !answer.is_replay()
+        })
+        .collect();
+    let [created] = created[..] else {
+        panic!("not exactly one request ran: {answers:?}");
+    };
+    for answer in answers {
+        assert!(
+            answer.status == actix_web::http::StatusCode::CONFLICT || answer.body == created.body,
+            "{answer:?}"
+        );
+    }
+    created
+}
+
 /// Sends `body` as `application/json` to `url` over a real connection with the idempotency key
 /// `key`, and returns what the client received.
 pub async fn post_keyed(

@@ -10,6 +10,7 @@ use idempotency_actix::{
     MemoryStore, PostgresStore,
 };
 use idempotency_actix_workspace::{
+    order_count,
     orders::{routes, Orders},
     post_keyed,
     postgres::{postgres_url_or_skip, DemoProcess, FreshDatabase},
@@ -33,18 +34,6 @@ async fn demo_server(store: PostgresStore) -> TestServer {
             .configure(routes(orders.clone()))
     })
     .unwrap_or_else(|e| panic!("server: {e}"))
-}
-
-async fn count(server_or_process_url: &str) -> u64 {
-    let answer = fresh_client()
-        .get(server_or_process_url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"));
-    let body: serde_json::Value = answer.json().await.unwrap_or_default();
-    body["count"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no count in {body}"))
 }
 
 /// Twenty concurrent requests with one key, spread over two servers on one database, create
@@ -88,7 +77,7 @@ async fn duplicates_on_two_servers_create_one_order() {
         .await;
         assert!(replay.is_replay(), "{replay:?}");
         assert_eq!(replay.body, created[0].body);
-        assert_eq!(count(&server.url("/orders/count")).await, 1);
+        assert_eq!(order_count(&server.url("/orders/count")).await, 1);
     }
     assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
 }
@@ -342,7 +331,7 @@ async fn a_crash_mid_handler_leaves_no_order_and_the_retry_creates_one() {
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.body, retried.body);
     assert_eq!(database.number("SELECT count(*) FROM demo_orders").await, 1);
-    assert_eq!(count(&restarted.url("/orders/count")).await, 1);
+    assert_eq!(order_count(&restarted.url("/orders/count")).await, 1);
 }
 
 /// Killed right after answering: the retry after the restart is a replay, and no second order
@@ -366,7 +355,7 @@ async fn a_crash_after_a_completed_request_replays_after_the_restart() {
     assert!(replay.is_replay(), "{replay:?}");
     assert_eq!(replay.status, StatusCode::CREATED);
     assert_eq!(replay.body, created.body);
-    assert_eq!(count(&restarted.url("/orders/count")).await, 1);
+    assert_eq!(order_count(&restarted.url("/orders/count")).await, 1);
 }
 
 /// Holds a transaction (and so a pooled connection) for `Hold`'s time.
@@ -660,6 +649,35 @@ async fn a_decline_or_refusal_a_transactional_handler_recorded_is_kept_and_repla
     assert_eq!(effects.runs.count(), 2);
 }
 
+/// A server whose store has one connection, with the routes that take the transaction every
+/// way (`/maybe`, `/option-fallback`) and one that holds a connection (`/hold`), for 1.5 s;
+/// keys reserved in transactions or (`held` false) by lease.
+async fn one_connection_server(database: &FreshDatabase, held: bool, runs: &Runs) -> TestServer {
+    let store = database
+        .store_with(|builder| {
+            builder
+                .max_connections(1)
+                .acquire_timeout(Duration::from_millis(300))
+                .reserve_in_transactions(held)
+        })
+        .await;
+    let idempotency = IdempotencyMiddleware::new(store);
+    let (data, hold) = (
+        web::Data::new(runs.clone()),
+        web::Data::new(Hold(Duration::from_millis(1500))),
+    );
+    TestServer::start(1, move || {
+        App::new()
+            .wrap(idempotency.clone())
+            .app_data(data.clone())
+            .app_data(hold.clone())
+            .service(hold_a_connection)
+            .service(option_fallback)
+            .service(maybe)
+    })
+    .unwrap_or_else(|e| panic!("server: {e}"))
+}
+
 /// Takes the fallback the wrong way: `Option` turns a failed begin into `None`.
 #[idempotent]
 #[post("/option-fallback")]
@@ -691,32 +709,10 @@ async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = database
-        .store_with(|builder| {
-            builder
-                .max_connections(1)
-                .acquire_timeout(Duration::from_millis(300))
-                // Reserving in the transaction, nothing runs before it begins: see
-                // `a_key_held_by_its_transaction_never_runs_without_it`.
-                .reserve_in_transactions(false)
-        })
-        .await;
     let runs = Runs::default();
-    let idempotency = IdempotencyMiddleware::new(store);
-    let (data, hold) = (
-        web::Data::new(runs.clone()),
-        web::Data::new(Hold(Duration::from_millis(1500))),
-    );
-    let server = TestServer::start(1, move || {
-        App::new()
-            .wrap(idempotency.clone())
-            .app_data(data.clone())
-            .app_data(hold.clone())
-            .service(hold_a_connection)
-            .service(option_fallback)
-            .service(maybe)
-    })
-    .unwrap_or_else(|e| panic!("server: {e}"));
+    // Reserving in the transaction, nothing runs before it begins: see
+    // `a_key_held_by_its_transaction_never_runs_without_it`.
+    let server = one_connection_server(&database, false, &runs).await;
 
     let holder = tokio::spawn({
         let url = server.url("/hold");
@@ -872,29 +868,8 @@ async fn a_key_held_by_its_transaction_never_runs_without_it() {
         return;
     };
     let database = FreshDatabase::create(&url, test).await;
-    let store = database
-        .store_with(|builder| {
-            builder
-                .max_connections(1)
-                .acquire_timeout(Duration::from_millis(300))
-        })
-        .await;
     let runs = Runs::default();
-    let idempotency = IdempotencyMiddleware::new(store);
-    let (data, hold) = (
-        web::Data::new(runs.clone()),
-        web::Data::new(Hold(Duration::from_millis(1500))),
-    );
-    let server = TestServer::start(1, move || {
-        App::new()
-            .wrap(idempotency.clone())
-            .app_data(data.clone())
-            .app_data(hold.clone())
-            .service(hold_a_connection)
-            .service(option_fallback)
-            .service(maybe)
-    })
-    .unwrap_or_else(|e| panic!("server: {e}"));
+    let server = one_connection_server(&database, true, &runs).await;
 
     let holder = tokio::spawn({
         let url = server.url("/hold");

@@ -5,12 +5,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actix_web::http::StatusCode;
 use futures_util::future::join_all;
 use idempotency_actix::{storage::conformance, IdempotencyStore, PostgresStore};
 use idempotency_actix_workspace::{
-    post_keyed,
+    order_count, post_keyed,
     postgres::DemoProcess,
+    the_one_created,
     tls::{openssl_available, postgres_programs, TestCertificates, TlsPostgres},
     work::fresh_client,
 };
@@ -149,18 +149,6 @@ async fn two_demo_instances_on_a_tls_database_create_one_order() {
         async move { post_keyed(&fresh_client(), &url, "tls-order", r#"{"item":"book"}"#).await }
     }))
     .await;
-    let created: Vec<_> = answers
-        .iter()
-        .filter(|answer| answer.status == StatusCode::CREATED && !answer.is_replay())
-        .collect();
-    assert_eq!(created.len(), 1, "{answers:?}");
-    let count: serde_json::Value = fresh_client()
-        .get(demos[0].url("/orders/count"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"))
-        .json()
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"));
-    assert_eq!(count["count"], 1);
+    the_one_created(&answers);
+    assert_eq!(order_count(&demos[0].url("/orders/count")).await, 1);
 }

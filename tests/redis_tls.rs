@@ -4,12 +4,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use actix_web::http::StatusCode;
 use futures_util::future::join_all;
 use idempotency_actix::{storage::conformance, IdempotencyStore, RedisStore};
 use idempotency_actix_workspace::{
-    post_keyed,
+    order_count, post_keyed,
     postgres::DemoProcess,
+    the_one_created,
     tls::{openssl_available, TestCertificates, TlsRedis},
     work::fresh_client,
 };
@@ -137,24 +137,6 @@ async fn two_demo_instances_on_a_tls_redis_create_one_order() {
         async move { post_keyed(&fresh_client(), &url, "tls-order", r#"{"item":"book"}"#).await }
     }))
     .await;
-    let created: Vec<_> = answers
-        .iter()
-        .filter(|answer| answer.status == StatusCode::CREATED && !answer.is_replay())
-        .collect();
-    assert_eq!(created.len(), 1, "{answers:?}");
-    for answer in &answers {
-        assert!(
-            answer.status == StatusCode::CONFLICT || answer.body == created[0].body,
-            "{answer:?}"
-        );
-    }
-    let count: serde_json::Value = fresh_client()
-        .get(demos[1].url("/orders/count"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"))
-        .json()
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"));
-    assert_eq!(count["count"], 1);
+    the_one_created(&answers);
+    assert_eq!(order_count(&demos[1].url("/orders/count")).await, 1);
 }
