@@ -12,7 +12,7 @@ mod test_database;
 pub mod tls;
 pub mod work;
 
-pub use private_cluster::PrivateRedisCluster;
+pub use private_cluster::{ClusterTls, PrivateRedisCluster};
 
 use std::{
     fmt,

@@ -40,8 +40,9 @@ impl Drop for ScratchDirectory {
     }
 }
 
-/// A private CA, a certificate it signed for `localhost` and `127.0.0.1`, a client certificate
-/// it signed, and a second CA that signed none of them.
+/// A private CA, a certificate it signed for `localhost` and `127.0.0.1` (for servers, and for
+/// cluster nodes, which are clients of each other too), a client certificate it signed, and a
+/// second CA that signed none of them.
 #[derive(Debug)]
 pub struct TestCertificates {
     directory: ScratchDirectory,
@@ -54,7 +55,7 @@ impl TestCertificates {
         let dir = directory.path();
         std::fs::write(
             dir.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
         )?;
         std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
         let key = [

@@ -12,6 +12,7 @@ use idempotency_actix_workspace::{
     the_one_created,
     tls::{openssl_available, TestCertificates, TlsRedis},
     work::fresh_client,
+    ClusterTls, PrivateRedisCluster,
 };
 
 const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
@@ -139,4 +140,67 @@ async fn two_demo_instances_on_a_tls_redis_create_one_order() {
     .await;
     the_one_created(&answers);
     assert_eq!(order_count(&demos[1].url("/orders/count")).await, 1);
+}
+
+/// A Redis Cluster whose nodes speak TLS (to clients and to each other): the store keeps its
+/// contract through `rediss://` URLs and a private CA, and two demo instances on it
+/// (`IDEMPOTENCY_REDIS_CLUSTER_URLS=rediss://..`, the CA through `SSL_CERT_FILE`) create one
+/// order from concurrent duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_cluster_keeps_the_store_contract_and_serves_two_instances() {
+    let test = "a_tls_redis_cluster";
+    let required = std::env::var("IDEMPOTENCY_REQUIRE_REDIS").as_deref() == Ok("1");
+    if !openssl_available() || !PrivateRedisCluster::available() {
+        assert!(
+            !required,
+            "{test}: IDEMPOTENCY_REQUIRE_REDIS=1 but openssl or redis is missing"
+        );
+        eprintln!("\n*** SKIPPED {test}: no openssl, redis-server or redis-cli ***\n");
+        return;
+    }
+    let certificates = TestCertificates::make().unwrap_or_else(|e| panic!("certificates: {e}"));
+    let cluster = PrivateRedisCluster::start_tls(&ClusterTls {
+        certificate: certificates.file("server.pem"),
+        key: certificates.file("server.key"),
+        ca: certificates.file("ca.pem"),
+    })
+    .unwrap_or_else(|e| panic!("{test}: the TLS cluster did not start: {e}"));
+    let urls = cluster.tls_urls();
+    let ca = certificates.read("ca.pem");
+    let next = AtomicU64::new(0);
+    conformance::run_all(|| {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        RedisStore::cluster_builder(&urls)
+            .tls_root_certificates(ca.clone())
+            .key_prefix(format!("case{n}:"))
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"))
+    })
+    .await;
+
+    let joined = urls.join(",");
+    let ca_file = certificates.file("ca.pem").display().to_string();
+    let environment = [
+        ("IDEMPOTENCY_REDIS_CLUSTER_URLS", joined.as_str()),
+        ("SSL_CERT_FILE", ca_file.as_str()),
+    ];
+    let demos = [
+        DemoProcess::start(DEMO, &environment),
+        DemoProcess::start(DEMO, &environment),
+    ];
+    let answers = join_all((0..10).map(|n| {
+        let url = demos[n % 2].url("/orders");
+        async move {
+            post_keyed(
+                &fresh_client(),
+                &url,
+                "tls-cluster-order",
+                r#"{"item":"book"}"#,
+            )
+            .await
+        }
+    }))
+    .await;
+    the_one_created(&answers);
+    assert_eq!(order_count(&demos[0].url("/orders/count")).await, 1);
 }

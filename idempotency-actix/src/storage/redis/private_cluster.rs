@@ -19,8 +19,22 @@ const NODES: usize = 3;
 #[derive(Debug)]
 pub struct PrivateRedisCluster {
     ports: Vec<u16>,
+    /// The nodes' TLS ports, for a cluster started with [`start_tls`](Self::start_tls).
+    tls_ports: Vec<u16>,
     servers: Vec<Child>,
     dir: PathBuf,
+}
+
+/// The files a TLS cluster's nodes use: their certificate and key (valid for `127.0.0.1`, as
+/// server and as client, since the nodes talk TLS to each other too) and the CA that signed it.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The nodes' certificate (PEM).
+    pub certificate: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA (PEM).
+    pub ca: PathBuf,
 }
 
 impl PrivateRedisCluster {
@@ -57,9 +71,19 @@ impl PrivateRedisCluster {
     /// until every node reports `cluster_state:ok`. A port taken between being found free and
     /// being bound is retried with other ports.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// As [`start`](Self::start), with every node on a TLS port too (`tls-cluster yes`: the
+    /// cluster bus is TLS, and clients that connect with TLS are told the TLS ports).
+    pub fn start_tls(tls: &ClusterTls) -> io::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ClusterTls>) -> io::Result<Self> {
         let mut last_error = io::Error::other("never tried");
         for _ in 0..3 {
-            match Self::start_once() {
+            match Self::start_once(tls) {
                 Ok(cluster) => return Ok(cluster),
                 Err(error) => last_error = error,
             }
@@ -67,7 +91,7 @@ impl PrivateRedisCluster {
         Err(last_error)
     }
 
-    fn start_once() -> io::Result<Self> {
+    fn start_once(tls: Option<&ClusterTls>) -> io::Result<Self> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -79,11 +103,13 @@ impl PrivateRedisCluster {
         std::fs::create_dir_all(&dir)?;
         let mut cluster = Self {
             ports: Vec::new(),
+            tls_ports: Vec::new(),
             servers: Vec::new(),
             dir,
         };
-        // Client and cluster-bus ports, all free at once (the listeners are held until then).
-        let listeners = (0..NODES * 2)
+        // Client, cluster-bus and TLS ports, all free at once (the listeners are held until
+        // then).
+        let listeners = (0..NODES * 3)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<Vec<_>>>()?;
         let ports = listeners
@@ -91,11 +117,24 @@ impl PrivateRedisCluster {
             .map(|listener| listener.local_addr().map(|address| address.port()))
             .collect::<io::Result<Vec<_>>>()?;
         drop(listeners);
-        for pair in ports.chunks(2) {
-            let (port, bus) = (pair[0], pair[1]);
+        for ports in ports.chunks(3) {
+            let (port, bus, tls_port) = (ports[0], ports[1], ports[2]);
             let config = cluster.dir.join(format!("nodes-{port}.conf"));
             let log = cluster.dir.join(format!("redis-{port}.log"));
-            let server = Command::new("redis-server")
+            let mut server = Command::new("redis-server");
+            if let Some(tls) = tls {
+                server
+                    .args(["--tls-port", &tls_port.to_string(), "--tls-cluster", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.certificate)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]);
+                cluster.tls_ports.push(tls_port);
+            }
+            let server = server
                 .args(["--port", &port.to_string()])
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
@@ -142,6 +181,15 @@ impl PrivateRedisCluster {
         self.ports
             .iter()
             .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The nodes' TLS URLs (`rediss://`), for a cluster started with
+    /// [`start_tls`](Self::start_tls).
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.tls_ports
+            .iter()
+            .map(|port| format!("rediss://127.0.0.1:{port}"))
             .collect()
     }
 
