@@ -8,7 +8,10 @@
 CREATE OR REPLACE FUNCTION idempotency_keys_hold(held_key text, lock_id bigint)
 RETURNS TABLE (lock_free boolean, key_state text, key_fingerprint bytea, key_record bytea,
                lease_left_ms float8, key_token bigint)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- A table locked by a migration makes a request fail after this, never hang.
+SET lock_timeout = '5s'
+AS $$
 BEGIN
     -- A record first, without the lock: replays take none.
     RETURN QUERY

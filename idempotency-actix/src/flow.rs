@@ -227,6 +227,10 @@ impl Operation {
         let lease = config.reservation_lease;
         let token = ReservationToken::generate();
         let mut wait = FIRST_WAIT;
+        // Only the first look may begin the handler's transaction: a duplicate that waits looks
+        // again on the store's own connections, never taking one from the handlers' pool for
+        // each look. (If it then finds the key free, it reserves it like any other route.)
+        let mut in_transaction = self.in_transaction;
         loop {
             // A duplicate that waited while its settle point learned that the caller scope
             // changes later on is refused like every request after it.
@@ -236,7 +240,7 @@ impl Operation {
             let unanswered =
                 UnansweredReservation::arm(&self.store, &self.storage_key, token, lease);
             let mut held_by = None;
-            let in_transaction = self.in_transaction.then(|| {
+            let reserving = in_transaction.then(|| {
                 reserve_in_transaction(
                     self.store.as_ref(),
                     &self.storage_key,
@@ -245,7 +249,7 @@ impl Operation {
                     lease,
                 )
             });
-            let reservation = match in_transaction.flatten() {
+            let reservation = match reserving.flatten() {
                 Some(reserving) => reserving.await.map(|(reservation, transaction)| {
                     held_by = transaction;
                     reservation
@@ -306,6 +310,7 @@ impl Operation {
                 .wait_for_change(&self.storage_key, within.min(left))
                 .await;
             wait = (wait * 2).min(LONGEST_WAIT);
+            in_transaction = false;
         }
     }
 

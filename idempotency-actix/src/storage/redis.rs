@@ -316,7 +316,9 @@ impl RedisStore {
 
     /// A builder for a store on a connection the application already has (one pool per
     /// backend): its commands go through `connection`, and the connection's own settings
-    /// apply to them: give it a response timeout
+    /// (its TLS, its timeouts) apply to them; the builder's TLS settings and connection
+    /// timeout do not, and its response timeout bounds only `health`. Give the connection a
+    /// response timeout
     /// (`ConnectionManagerConfig::set_response_timeout`), or a request waits as long as Redis
     /// does. With no URL of its own, the store cannot subscribe to wake waiting duplicates:
     /// they poll (every 5 ms, backing off to 50 ms), which costs them a little latency and
@@ -665,10 +667,19 @@ impl IdempotencyStore for RedisStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         let mut connection = self.connection().await?;
-        redis::cmd("PING")
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(backend)
+        // Bounded here too: a connection the application gave may have no response timeout.
+        let within = self.inner.timeouts.response;
+        let answered = tokio::time::timeout(
+            within,
+            redis::cmd("PING").query_async::<()>(&mut connection),
+        )
+        .await;
+        match answered {
+            Ok(answer) => answer.map_err(backend),
+            Err(_elapsed) => Err(StoreError::Backend(
+                format!("Redis did not answer PING within {within:?}").into(),
+            )),
+        }
     }
 
     fn wait_for_change(&self, key: &str, within: Duration) -> impl Future<Output = ()> {

@@ -9,8 +9,13 @@
 //! holder committed, whatever the database's default level), then calls the table's `_hold`
 //! function (migration 0002): it returns a live record without taking the lock (a replay), or
 //! takes the lock without waiting (`pg_try_advisory_xact_lock`) and looks again. A duplicate
-//! learns at once that the key is held, ends its transaction, and waits for the record without a
-//! connection; nobody ever blocks inside PostgreSQL.
+//! learns at once that the key is held, ends its transaction, and waits for the record looking
+//! on the store's own connections; nobody waits for the key's lock inside PostgreSQL. (The
+//! function gives up after a `lock_timeout` of 5 s on the table itself: a migration's lock
+//! fails requests, never hangs them.)
+//!
+//! The key is held as long as the handler's database session: a connection that dies while its
+//! handler still runs frees the key under it (see the README's PostgreSQL section).
 //!
 //! The function is one prepared statement, planned once per connection: the same lock and looks
 //! sent as a multi-statement query were planned on every request, which cost more database time
@@ -89,8 +94,9 @@ impl PostgresStore {
                 if !self.inner.hold.missing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "idempotency: the function {}_hold does not exist (run migration 0002, \
-                         or PostgresStore::ensure_schema): keys are reserved by lease, and a \
-                         crashed request's key stays held until its lease ends",
+                         or PostgresStore::ensure_schema): until this process restarts, keys \
+                         are reserved by lease, and a crashed request's key stays held until \
+                         its lease ends",
                         self.inner.table
                     );
                 }
@@ -226,8 +232,9 @@ pub(super) async fn commit_holding(
         .await
         .map_err(backend)?;
     if stored.is_none() {
-        // A live row appeared under the lock: only a writer that ignores it (an instance of an
-        // older version, on the lease design) can have put it there.
+        // A live row appeared under the lock: a writer that ignores it put it there (an instance
+        // of an older version, or a lease owner whose renewal or completion came after its
+        // lease lapsed).
         transaction.rollback().await.map_err(backend)?;
         return Ok(Completion::LostReservation);
     }

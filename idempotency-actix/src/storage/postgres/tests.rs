@@ -336,3 +336,39 @@ async fn health_says_whether_the_database_answers() {
     let healthy = store.health().await;
     assert!(healthy.is_ok(), "{healthy:?}");
 }
+
+/// A table locked by someone else (a migration) makes a reservation in a transaction fail
+/// after the function's lock timeout: the request gets its outage answer, it does not hang.
+#[actix_rt::test]
+async fn a_locked_table_fails_a_reservation_in_a_transaction_instead_of_hanging() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let table = format!("{schema}.keys");
+    let store = store_on(&url, &table).await;
+    let mut migration = PgConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut migration)
+    .await
+    .unwrap_or_else(|e| panic!("lock: {e}"));
+    let started = std::time::Instant::now();
+    let reserving = store
+        .reserve_held_by_transaction(
+            "k",
+            ReservationToken::generate(),
+            Fingerprint([7; 32]),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("the store reserves in transactions"));
+    let reserved = reserving.await;
+    let took = started.elapsed();
+    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut migration).await;
+    drop_schema(&url, &schema).await;
+    assert!(reserved.is_err(), "{:?}", reserved.map(|(r, _)| r));
+    assert!(took < Duration::from_secs(8), "it waited {took:?}");
+}

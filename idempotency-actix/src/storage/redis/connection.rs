@@ -137,6 +137,7 @@ impl Target {
     /// The connection the store's commands use (the protocol the URLs ask for, RESP2 by
     /// default).
     pub(super) async fn connect(&self, timeouts: Timeouts) -> RedisResult<Connection> {
+        choose_cryptography();
         match self {
             Self::Given(connection) => Ok(connection.clone()),
             Self::Node(node) => {
@@ -161,6 +162,7 @@ impl Target {
         timeouts: Timeouts,
         pushes: impl AsyncPushSender,
     ) -> RedisResult<Connection> {
+        choose_cryptography();
         match self {
             Self::Given(_) => Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
@@ -183,6 +185,24 @@ impl Target {
                 .await
                 .map(Connection::Cluster),
         }
+    }
+}
+
+/// The redis crate builds its TLS configuration with rustls' process-wide cryptography
+/// provider, which rustls picks by itself only when one provider is compiled in: an
+/// application whose other dependencies bring rustls' default (aws-lc-rs) too would panic at
+/// the first `rediss://` connection. Where the application chose none, this store's (ring) is
+/// installed; one the application installs first is kept.
+///
+/// The store's is ring, which builds with a C compiler alone (aws-lc-rs also wants CMake);
+/// rustls 0.23.48 deprecates it for lacking post-quantum key exchange. An application that
+/// wants that installs aws-lc-rs itself, before its first connection.
+fn choose_cryptography() {
+    #[cfg(feature = "redis-tls")]
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        #[allow(deprecated)]
+        let ring = rustls::crypto::ring::default_provider();
+        let _already_chosen = ring.install_default();
     }
 }
 
