@@ -157,6 +157,20 @@ async fn an_unreachable_database_is_a_backend_error_not_a_panic() {
     );
 }
 
+/// A connection holding `table` locked, as a migration does, until it rolls back.
+async fn lock_table(url: &str, table: &str) -> PgConnection {
+    let mut migration = PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut migration)
+    .await
+    .unwrap_or_else(|e| panic!("lock: {e}"));
+    migration
+}
+
 /// A table locked by someone else (a migration) makes the store's statements give up after
 /// the statement timeout: the request gets its outage answer, it does not hang.
 #[actix_rt::test]
@@ -170,15 +184,7 @@ async fn a_locked_table_is_an_error_after_the_statement_timeout() {
         builder.statement_timeout(Duration::from_millis(300))
     })
     .await;
-    let mut migration = PgConnection::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    sqlx::raw_sql(&format!(
-        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
-    ))
-    .execute(&mut migration)
-    .await
-    .unwrap_or_else(|e| panic!("lock: {e}"));
+    let mut migration = lock_table(&url, &table).await;
     let started = std::time::Instant::now();
     let reserved = store
         .reserve(
@@ -347,15 +353,7 @@ async fn a_locked_table_fails_a_reservation_in_a_transaction_instead_of_hanging(
     let schema = fresh_schema(&url).await;
     let table = format!("{schema}.keys");
     let store = store_on(&url, &table).await;
-    let mut migration = PgConnection::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    sqlx::raw_sql(&format!(
-        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
-    ))
-    .execute(&mut migration)
-    .await
-    .unwrap_or_else(|e| panic!("lock: {e}"));
+    let mut migration = lock_table(&url, &table).await;
     let started = std::time::Instant::now();
     let reserving = store
         .reserve_held_by_transaction(
