@@ -678,6 +678,17 @@ async fn one_connection_server(database: &FreshDatabase, held: bool, runs: &Runs
     .unwrap_or_else(|e| panic!("server: {e}"))
 }
 
+/// Sends a request to `/hold` of a [`one_connection_server`] and waits until it holds the
+/// connection; its answer, once it lets go.
+async fn hold_the_only_connection(server: &TestServer) -> tokio::task::JoinHandle<Received> {
+    let holder = tokio::spawn({
+        let url = server.url("/hold");
+        async move { post_keyed(&fresh_client(), &url, "holder", "{}").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder
+}
+
 /// Takes the fallback the wrong way: `Option` turns a failed begin into `None`.
 #[idempotent]
 #[post("/option-fallback")]
@@ -714,11 +725,7 @@ async fn a_transaction_the_database_cannot_begin_is_never_a_silent_fallback() {
     // `a_key_held_by_its_transaction_never_runs_without_it`.
     let server = one_connection_server(&database, false, &runs).await;
 
-    let holder = tokio::spawn({
-        let url = server.url("/hold");
-        async move { post_keyed(&fresh_client(), &url, "holder", "{}").await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let holder = hold_the_only_connection(&server).await;
     let maybe_refused = post_keyed(&fresh_client(), &server.url("/maybe"), "m", "{}").await;
     let option_ran = post_keyed(&fresh_client(), &server.url("/option-fallback"), "o", "{}").await;
     assert_eq!(
@@ -871,11 +878,7 @@ async fn a_key_held_by_its_transaction_never_runs_without_it() {
     let runs = Runs::default();
     let server = one_connection_server(&database, true, &runs).await;
 
-    let holder = tokio::spawn({
-        let url = server.url("/hold");
-        async move { post_keyed(&fresh_client(), &url, "holder", "{}").await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let holder = hold_the_only_connection(&server).await;
     for (path, key) in [("/maybe", "m"), ("/option-fallback", "o")] {
         let refused = post_keyed(&fresh_client(), &server.url(path), key, "{}").await;
         assert_eq!(
