@@ -202,13 +202,23 @@ fn is_undefined_function(error: &sqlx::Error) -> bool {
 /// The advisory lock of `key` in `table`: 64 bits of a digest, so that two keys share a lock
 /// only by a collision, which makes one wait for the other, never run twice.
 pub(super) fn lock_id(table: &str, key: &str) -> i64 {
-    let digest = Sha256::new()
-        .chain_update(table)
-        .chain_update([0])
-        .chain_update(key)
-        .finalize();
+    digest_id(&[table, key])
+}
+
+/// The advisory lock under which instances create `table`'s schema one after the other.
+pub(super) fn schema_lock_id(table: &str) -> i64 {
+    digest_id(&["schema", table])
+}
+
+/// 64 bits of a digest of `parts` (each followed by a NUL, so that no two lists share one).
+fn digest_id(parts: &[&str]) -> i64 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+        hasher.update([0]);
+    }
     let mut first = [0; 8];
-    first.copy_from_slice(&digest[..8]);
+    first.copy_from_slice(&hasher.finalize()[..8]);
     i64::from_be_bytes(first)
 }
 

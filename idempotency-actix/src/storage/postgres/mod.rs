@@ -119,13 +119,23 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Creates the store's table and index if they do not exist.
+    /// Creates the store's table and index if they do not exist, and (again) the function that
+    /// holds keys in transactions.
+    ///
+    /// Instances starting together take turns (a transaction-scoped advisory lock on the
+    /// table's name), so that none of them fails on the catalog rows another one is writing.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
-        sqlx::raw_sql(&self.inner.sql.schema)
-            .execute(&self.inner.statements)
+        let mut transaction = self.inner.statements.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(held::schema_lock_id(&self.inner.table))
+            .execute(&mut *transaction)
             .await
             .map_err(backend)?;
-        Ok(())
+        sqlx::raw_sql(&self.inner.sql.schema)
+            .execute(&mut *transaction)
+            .await
+            .map_err(backend)?;
+        transaction.commit().await.map_err(backend)
     }
 
     /// A job that deletes expired rows, with the default period and batch size.

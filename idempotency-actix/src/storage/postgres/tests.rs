@@ -370,3 +370,27 @@ async fn a_locked_table_fails_a_reservation_in_a_transaction_instead_of_hanging(
     assert!(reserved.is_err(), "{:?}", reserved.map(|(r, _)| r));
     assert!(took < Duration::from_secs(8), "it waited {took:?}");
 }
+
+/// Instances starting together each make sure the schema exists: none of them fails.
+#[actix_rt::test]
+async fn instances_starting_together_all_make_sure_of_the_schema() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let table = format!("{schema}.keys");
+    let stores: Vec<PostgresStore> = (0..8)
+        .map(|_| {
+            PostgresStore::builder(&url)
+                .table(&table)
+                .build()
+                .unwrap_or_else(|e| panic!("store: {e}"))
+        })
+        .collect();
+    let made =
+        futures_util::future::join_all(stores.iter().map(PostgresStore::ensure_schema)).await;
+    drop_schema(&url, &schema).await;
+    for outcome in made {
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+}
