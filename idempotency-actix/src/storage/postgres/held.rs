@@ -28,9 +28,12 @@ use std::{
 
 use futures_util::future::LocalBoxFuture;
 use sha2::{Digest, Sha256};
-use sqlx::{postgres::PgRow, PgPool, Postgres, Row, Transaction};
+use sqlx::{postgres::PgRow, PgConnection, PgPool, Postgres, Row, Transaction};
 
-use super::{backend, millis, read_holder, token_value, transaction::Returned, PostgresStore};
+use super::{
+    backend, millis, read_holder, schema::Statements, token_value, transaction::Returned,
+    PostgresStore,
+};
 use crate::{
     joined::HeldReservation,
     storage::{CompletedRecord, Completion, Reservation, ReservationToken},
@@ -222,34 +225,34 @@ fn digest_id(parts: &[&str]) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// Writes the record of a key held by `transaction`, and commits.
-pub(super) async fn commit_holding(
-    mut transaction: Transaction<'static, Postgres>,
-    store: &PostgresStore,
+/// Writes the record of a key held by the transaction on `connection` (its caller commits);
+/// [`Completion::LostReservation`] when a live row is in the way, and the caller rolls back.
+pub(super) async fn record_held(
+    connection: &mut PgConnection,
+    sql: &Statements,
     key: &str,
     token: ReservationToken,
     record: &CompletedRecord,
     ttl: Duration,
 ) -> Result<Completion, StoreError> {
     let encoded = crate::storage::codec::encode_record(record)?;
-    let stored = sqlx::query(&store.inner.sql.complete_empty)
+    let stored = sqlx::query(&sql.complete_empty)
         .bind(key)
         .bind(encoded.as_slice())
         .bind(record.fingerprint.0.as_slice())
         .bind(millis(ttl))
         .bind(token_value(token))
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(connection)
         .await
         .map_err(backend)?;
-    if stored.is_none() {
-        // A live row appeared under the lock: a writer that ignores it put it there (an instance
-        // of an older version, or a lease owner whose renewal or completion came after its
-        // lease lapsed).
-        transaction.rollback().await.map_err(backend)?;
-        return Ok(Completion::LostReservation);
-    }
-    transaction.commit().await.map_err(backend)?;
-    Ok(Completion::Stored)
+    // No row: a live one was in the way, put there by a writer that ignores the lock (an
+    // instance of an older version, or a lease owner whose renewal or completion came after its
+    // lease lapsed).
+    Ok(if stored.is_some() {
+        Completion::Stored
+    } else {
+        Completion::LostReservation
+    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use actix_web::{dev::Payload, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::{backend, complete_on, held::commit_holding, PostgresStore};
+use super::{backend, complete_on, held::record_held, PostgresStore};
 use crate::{
     joined::{ActiveReservation, JoinedWork},
     storage::{CompletedRecord, Completion, ReservationToken},
@@ -380,13 +380,13 @@ impl JoinedWork for Returned {
             ..
         } = *self;
         Box::pin(async move {
-            if holds_key {
-                let open = transaction.take()?;
-                return commit_holding(open, &store, &key, token, &record, ttl).await;
-            }
             let sql = &store.inner.sql;
-            let completion =
-                complete_on(transaction.get()?, sql, &key, token, &record, ttl).await?;
+            let open = transaction.get()?;
+            let completion = if holds_key {
+                record_held(open, sql, &key, token, &record, ttl).await?
+            } else {
+                complete_on(open, sql, &key, token, &record, ttl).await?
+            };
             // Ending it takes it whole; from here on, only a shutdown in the middle of this one
             // round trip is left to sqlx's own drop.
             let open = transaction.take()?;
