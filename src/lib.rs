@@ -371,6 +371,14 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// The value of the sample named exactly `series` (name and labels) in a Prometheus scrape.
+pub fn prometheus_sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
 /// What the demo's `GET /orders/count` at `url` says, over a real connection.
 pub async fn order_count(url: &str) -> u64 {
     let answer = work::fresh_client()

@@ -5,7 +5,7 @@ use idempotency_actix::{IdempotencyMiddleware, MemoryStore};
 use idempotency_actix_workspace::{
     faulty::FaultyStore,
     orders::{metrics_route, prometheus, routes, Orders},
-    respond,
+    prometheus_sample as sample, respond,
 };
 use serde_json::json;
 
@@ -17,14 +17,6 @@ fn order(key: Option<&str>, item: &str) -> actix_http::Request {
         request = request.insert_header(("Idempotency-Key", key.to_owned()));
     }
     request.to_request()
-}
-
-/// The value of the sample named exactly `series` (name and labels) in a Prometheus scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.trim().parse().ok()
-    })
 }
 
 /// One request of each outcome, then the scrape: a counter per outcome, the store's calls

@@ -27,7 +27,10 @@ use crate::{
     encoder::KeyParts,
     joined::{reserve_in_transaction, ActiveReservation, Joined, JoinedWork},
     manual::{ManualIdempotency, PriorResponse},
-    observe::{keyed_request_span, record_key, record_outcome, Outcome},
+    observe::{
+        keyed_request_span, record_key, record_outcome, timed_completion, timed_reservation,
+        Outcome,
+    },
     replay::{replay_response, replayable_headers},
     scope_check::{ScopeAtSettling, ScopeLatches, SCOPE_CHANGED_LATER},
     storage::{
@@ -250,10 +253,14 @@ impl Operation {
                 )
             });
             let reservation = match reserving.flatten() {
-                Some(reserving) => reserving.await.map(|(reservation, transaction)| {
-                    held_by = transaction;
-                    reservation
-                }),
+                Some(reserving) => {
+                    timed_reservation(reserving)
+                        .await
+                        .map(|(reservation, transaction)| {
+                            held_by = transaction;
+                            reservation
+                        })
+                }
                 None => {
                     self.store
                         .reserve(&self.storage_key, token, self.fingerprint, lease)
@@ -791,7 +798,12 @@ impl PendingRecord {
     ) -> Result<(), IdempotencyError> {
         let committed = self
             .renewal
-            .during(work.commit_with_record(self.key.clone(), self.token, record, ttl))
+            .during(timed_completion(work.commit_with_record(
+                self.key.clone(),
+                self.token,
+                record,
+                ttl,
+            )))
             .await;
         match committed {
             Ok(Completion::LostReservation) => {

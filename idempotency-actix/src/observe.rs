@@ -202,6 +202,22 @@ impl<S: IdempotencyStore> Observed<S> {
     }
 }
 
+/// Times a reservation the store makes outside its [`IdempotencyStore`] methods (in the
+/// handler's transaction), as the reservations through them are.
+pub(crate) async fn timed_reservation<T>(
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    timed(StoreOperation::Reserve, call).await
+}
+
+/// Times a completion committed with the handler's own unit of work, as the completions
+/// through [`IdempotencyStore::complete`] are.
+pub(crate) async fn timed_completion<T>(
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    timed(StoreOperation::Complete, call).await
+}
+
 async fn timed<T>(
     operation: StoreOperation,
     call: impl Future<Output = Result<T, StoreError>>,
