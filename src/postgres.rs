@@ -179,6 +179,26 @@ impl DemoProcess {
     }
 }
 
+/// Ten concurrent requests with one key, spread over `demos`: exactly one creates an order
+/// (the others get 409 or its replay), and the demos count one order.
+pub async fn duplicates_over_demos_create_one_order(demos: &[DemoProcess], key: &str) {
+    let answers = futures_util::future::join_all((0..10).map(|n| {
+        let url = demos[n % demos.len()].url("/orders");
+        async move {
+            crate::post_keyed(
+                &crate::work::fresh_client(),
+                &url,
+                key,
+                r#"{"item":"book"}"#,
+            )
+            .await
+        }
+    }))
+    .await;
+    crate::the_one_created(&answers);
+    assert_eq!(crate::order_count(&demos[0].url("/orders/count")).await, 1);
+}
+
 impl Drop for DemoProcess {
     fn drop(&mut self) {
         self.kill();

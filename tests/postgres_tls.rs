@@ -5,14 +5,10 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use futures_util::future::join_all;
 use idempotency_actix::{storage::conformance, IdempotencyStore, PostgresStore};
 use idempotency_actix_workspace::{
-    order_count, post_keyed,
-    postgres::DemoProcess,
-    the_one_created,
+    postgres::{duplicates_over_demos_create_one_order, DemoProcess},
     tls::{openssl_available, postgres_programs, TestCertificates, TlsPostgres},
-    work::fresh_client,
 };
 
 const DEMO: &str = env!("CARGO_BIN_EXE_orders_demo");
@@ -144,11 +140,5 @@ async fn two_demo_instances_on_a_tls_database_create_one_order() {
         ],
     );
     let demos = [first, second];
-    let answers = join_all((0..10).map(|n| {
-        let url = demos[n % 2].url("/orders");
-        async move { post_keyed(&fresh_client(), &url, "tls-order", r#"{"item":"book"}"#).await }
-    }))
-    .await;
-    the_one_created(&answers);
-    assert_eq!(order_count(&demos[0].url("/orders/count")).await, 1);
+    duplicates_over_demos_create_one_order(&demos, "tls-order").await;
 }

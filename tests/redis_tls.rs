@@ -4,14 +4,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures_util::future::join_all;
 use idempotency_actix::{storage::conformance, IdempotencyStore, RedisStore};
 use idempotency_actix_workspace::{
-    order_count, post_keyed,
-    postgres::DemoProcess,
-    the_one_created,
+    postgres::{duplicates_over_demos_create_one_order, DemoProcess},
     tls::{openssl_available, TestCertificates, TlsRedis},
-    work::fresh_client,
     ClusterTls, PrivateRedisCluster,
 };
 
@@ -133,13 +129,7 @@ async fn two_demo_instances_on_a_tls_redis_create_one_order() {
         DemoProcess::start(DEMO, &environment),
         DemoProcess::start(DEMO, &environment),
     ];
-    let answers = join_all((0..10).map(|n| {
-        let url = demos[n % 2].url("/orders");
-        async move { post_keyed(&fresh_client(), &url, "tls-order", r#"{"item":"book"}"#).await }
-    }))
-    .await;
-    the_one_created(&answers);
-    assert_eq!(order_count(&demos[1].url("/orders/count")).await, 1);
+    duplicates_over_demos_create_one_order(&demos, "tls-order").await;
 }
 
 /// A Redis Cluster whose nodes speak TLS (to clients and to each other): the store keeps its
@@ -188,19 +178,5 @@ async fn a_tls_redis_cluster_keeps_the_store_contract_and_serves_two_instances()
         DemoProcess::start(DEMO, &environment),
         DemoProcess::start(DEMO, &environment),
     ];
-    let answers = join_all((0..10).map(|n| {
-        let url = demos[n % 2].url("/orders");
-        async move {
-            post_keyed(
-                &fresh_client(),
-                &url,
-                "tls-cluster-order",
-                r#"{"item":"book"}"#,
-            )
-            .await
-        }
-    }))
-    .await;
-    the_one_created(&answers);
-    assert_eq!(order_count(&demos[0].url("/orders/count")).await, 1);
+    duplicates_over_demos_create_one_order(&demos, "tls-cluster-order").await;
 }

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgRow, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::{
-    backend, millis, read_holder, schema::Statements, token_value, transaction::Returned,
+    backend, read_holder, schema::Statements, store_in_free_key, transaction::Returned,
     PostgresStore,
 };
 use crate::{
@@ -236,19 +236,11 @@ pub(super) async fn record_held(
     ttl: Duration,
 ) -> Result<Completion, StoreError> {
     let encoded = crate::storage::codec::encode_record(record)?;
-    let stored = sqlx::query(&sql.complete_empty)
-        .bind(key)
-        .bind(encoded.as_slice())
-        .bind(record.fingerprint.0.as_slice())
-        .bind(millis(ttl))
-        .bind(token_value(token))
-        .fetch_optional(connection)
-        .await
-        .map_err(backend)?;
+    let stored = store_in_free_key(connection, sql, key, token, record, &encoded, ttl).await?;
     // No row: a live one was in the way, put there by a writer that ignores the lock (an
     // instance of an older version, or a lease owner whose renewal or completion came after its
     // lease lapsed).
-    Ok(if stored.is_some() {
+    Ok(if stored {
         Completion::Stored
     } else {
         Completion::LostReservation

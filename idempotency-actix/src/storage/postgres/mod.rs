@@ -351,16 +351,7 @@ async fn complete_on(
             Completion::StoredWithoutReservation
         });
     }
-    let stored = sqlx::query(&sql.complete_empty)
-        .bind(key)
-        .bind(encoded.as_slice())
-        .bind(record.fingerprint.0.as_slice())
-        .bind(millis(ttl))
-        .bind(token_value(token))
-        .fetch_optional(&mut *connection)
-        .await
-        .map_err(backend)?;
-    if stored.is_some() {
+    if store_in_free_key(connection, sql, key, token, record, &encoded, ttl).await? {
         return Ok(Completion::StoredWithoutReservation);
     }
     // A repeated completion (its first answer was lost) finds its own record.
@@ -379,6 +370,29 @@ async fn complete_on(
     } else {
         Completion::LostReservation
     })
+}
+
+/// Stores `record` (encoded as `encoded`) for `ttl` in `key` if nothing live holds it, unless
+/// it is the freed reservation of `token`; says whether it did.
+async fn store_in_free_key(
+    connection: &mut PgConnection,
+    sql: &Statements,
+    key: &str,
+    token: ReservationToken,
+    record: &CompletedRecord,
+    encoded: &[u8],
+    ttl: Duration,
+) -> Result<bool, StoreError> {
+    let stored = sqlx::query(&sql.complete_empty)
+        .bind(key)
+        .bind(encoded)
+        .bind(record.fingerprint.0.as_slice())
+        .bind(millis(ttl))
+        .bind(token_value(token))
+        .fetch_optional(connection)
+        .await
+        .map_err(backend)?;
+    Ok(stored.is_some())
 }
 
 impl IdempotencyStore for PostgresStore {
