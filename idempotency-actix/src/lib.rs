@@ -69,9 +69,9 @@
 //!
 //! [`MemoryStore`] (the default) keeps records in the process: right for one
 //! instance. With the `redis` feature, `RedisStore` shares one state between any number of
-//! instances (one Lua script per operation, two round trips for a fresh request, one for a
-//! replay), on one Redis server or, with `redis-cluster`, on a Redis Cluster. Any backend
-//! implementing [`IdempotencyStore`] can be plugged in; its
+//! instances (one atomic command or Lua script per operation, two round trips for a fresh
+//! request, one for a replay), on one Redis server or, with `redis-cluster`, on a Redis
+//! Cluster. Any backend implementing [`IdempotencyStore`] can be plugged in; its
 //! [`reserve`](IdempotencyStore::reserve) must be atomic.
 //!
 //! Build the store and the middleware once, outside `HttpServer::new`: its closure runs once
@@ -146,6 +146,24 @@
 //! first on the app, and first on every scope whose middleware authenticates. If the caller
 //! scope changes after a key was settled, that response is not stored and the route's keyed
 //! requests are refused (500 `misconfigured`) from then on: never another caller's response.
+//!
+//! # Guide
+//!
+//! The detail lives in the [guide], one page per topic (the repository's `docs/*.md`, with
+//! their examples compiled here):
+//!
+//! - [The guarantee, precisely][guide::guarantee]
+//! - [Handler attributes, modes, and when the key is settled][guide::modes_and_attributes]
+//! - [Caller scope and request identity][guide::caller_scope]
+//! - [Several instances: Redis][guide::redis]
+//! - [Redis Cluster][guide::redis_cluster]
+//! - [PostgreSQL: records in the handler's own transaction][guide::postgres]
+//! - [Deploying][guide::deploying]
+//! - [Operating it][guide::operating]
+//! - [Settings (Python → Rust)][guide::settings]
+//! - [Your own store: the conformance suite][guide::custom_stores]
+//! - [Design decisions][guide::design_decisions]
+//! - [Benchmarks][guide::benchmarks]
 
 #![forbid(unsafe_code)]
 // `doc_cfg` (not `doc_auto_cfg`, which newer nightlies removed): each feature-gated item says
@@ -160,6 +178,7 @@ mod encoder;
 mod error;
 mod fingerprint;
 mod flow;
+pub mod guide;
 mod joined;
 mod key;
 mod key_extractor;
