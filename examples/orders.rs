@@ -6,7 +6,7 @@
 //! lease (how soon a crashed request's key is free again). `GET /healthz` says whether the store
 //! answers (200, or 503 with why). `IDEMPOTENCY_ADMIN_TOKEN` turns on
 //! the admin routes (`GET`/`DELETE /admin/idempotency-keys?key=K&path=/orders`, bearer token;
-//! see the README's "Operating it" section).
+//! see `docs/operating.md`).
 //!
 //! The routes and the set-up are in `src/orders.rs`, shared with the tests, which also run this
 //! very server as a process (`src/bin/orders_demo.rs`).

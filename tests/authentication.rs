@@ -205,8 +205,8 @@ fn is_misconfigured(answer: &Received) -> bool {
 /// Where authentication sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
-    /// `App::new().wrap(idempotency).wrap(auth)`: authentication runs first (the README's
-    /// advice).
+    /// `App::new().wrap(idempotency).wrap(auth)`: authentication runs first (the
+    /// advice of `docs/modes-and-attributes.md`).
     AppOutside,
     /// `App::new().wrap(auth).wrap(idempotency)`: authentication runs between the
     /// idempotency middleware and the routes.
@@ -395,7 +395,8 @@ async fn manual_payment(manual: ManualIdempotency, runs: web::Data<Runs>) -> Htt
     HttpResponse::Ok().body(format!("seen before: {}", manual.key_exists()))
 }
 
-/// The README's advice for a scope whose authentication defers: opt-in mode, routes marked.
+/// The advice of `docs/modes-and-attributes.md` for a scope whose authentication defers: opt-in
+/// mode, routes marked.
 /// Every attribute keeps its meaning, and every key is settled after the authentication.
 #[actix_rt::test]
 async fn a_scope_whose_authentication_defers_keeps_every_attribute_in_opt_in_mode() {
