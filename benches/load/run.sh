@@ -64,7 +64,7 @@ else
 fi
 if [ -n "${ONLY:-}" ]; then
   # ONLY=pg keeps the cases whose name starts with it, and the bare ones they are measured by.
-  kept=(); for case in "${cases[@]}"; do case "$case" in "$ONLY"*|bare\ *) kept+=("$case");; esac; done
+  kept=(); for case in "${cases[@]}"; do case "$case" in "$ONLY"*|bare*) kept+=("$case");; esac; done
   cases=("${kept[@]}")
 fi
 stop_server

@@ -85,6 +85,11 @@ impl RouteSlot {
         self.default_run.borrow_mut().take()
     }
 
+    /// Whether a route (or a registration further in) has claimed the request.
+    pub(crate) fn claimed_by_route(&self) -> bool {
+        self.settler.get() == Settler::Route
+    }
+
     /// Records that a route policy settles the key; `false` if one already does.
     pub(crate) fn apply_policy(&self) -> bool {
         !self.policy_applied.replace(true)

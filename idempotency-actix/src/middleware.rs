@@ -261,17 +261,34 @@ where
         slot.detached.set(keyed || outer.detached);
         // Routing runs now, synchronously: a route that declares a policy claims the slot.
         let routed = self.service.call(req);
-        let superseded = outer.superseded;
-        let settle = async move {
-            if let Some(superseded) = superseded {
-                superseded.abandon().await;
+        let detach = keyed && !outer.detached;
+        if slot.claimed_by_route() && outer.superseded.is_none() {
+            // The route settles the key: nothing is left to do here but, for a keyed request,
+            // to make its work outlive it.
+            let routed = routed.map_ok(pass_through);
+            return if detach {
+                Either::Right(Either::Left(flow::spawn_detached(routed)))
+            } else {
+                Either::Left(routed)
+            };
+        }
+        let settle = unclaimed::settle(slot, facts, route, routed);
+        match (outer.superseded, detach) {
+            (None, true) => Either::Right(Either::Left(flow::spawn_detached(settle))),
+            (None, false) => Either::Right(Either::Right(Box::pin(settle))),
+            // Rare (a second registration further out), and kept apart: freeing the outer
+            // reservation first would make the common future larger, and it is moved whole.
+            (Some(superseded), detach) => {
+                let settle = async move {
+                    superseded.abandon().await;
+                    settle.await
+                };
+                if detach {
+                    Either::Right(Either::Left(flow::spawn_detached(settle)))
+                } else {
+                    Either::Right(Either::Right(Box::pin(settle)))
+                }
             }
-            unclaimed::settle(slot, facts, route, routed).await
-        };
-        if keyed && !outer.detached {
-            Either::Right(Either::Left(flow::spawn_detached(settle)))
-        } else {
-            Either::Right(Either::Right(Box::pin(settle)))
         }
     }
 }

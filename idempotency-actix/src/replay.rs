@@ -71,10 +71,10 @@ pub(crate) fn replay_response(stored: &StoredResponse, status: ReplayStatus) -> 
     for header in stored_headers(stored) {
         response.append_header(header);
     }
-    response.insert_header((
-        HeaderName::from_static(REPLAYED_HEADER),
-        HeaderValue::from_static("true"),
-    ));
+    // Constants: `from_static` validates its text, at compile time only in a `const`.
+    const REPLAYED: HeaderName = HeaderName::from_static(REPLAYED_HEADER);
+    const TRUE: HeaderValue = HeaderValue::from_static("true");
+    response.insert_header((REPLAYED, TRUE));
     response.body(stored.body.clone())
 }
 

@@ -64,9 +64,7 @@ where
             let Some(pending) = slot.default_run().take() else {
                 return result.map(ServiceResponse::map_into_left_body);
             };
-            // Boxed: settling's state is large, and the task that runs this is moved whole
-            // before it starts; boxed, only a pointer is.
-            Box::pin(pending.settle(result)).await
+            pending.settle(result).await
         }
     }
 }
