@@ -5,6 +5,7 @@ cases=(
   "bare bare /orders fresh"
   "memory_fresh memory /orders fresh"
   "memory_replay memory /orders replay"
+  "memory_marked memory /marked fresh"
   "bare_exempt bare /exempt unkeyed"
   "memory_exempt memory /exempt unkeyed"
 )

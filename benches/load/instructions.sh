@@ -67,4 +67,5 @@ done
 ratio() { awk -v n="$1" -v a="$(cat "$work/$2")" -v b="$(cat "$work/$3")" 'BEGIN { printf "instructions-ratio %s %.2f\n", n, b / a }'; }
 ratio fresh_memory memory_fresh bare
 ratio replay_memory memory_replay bare
+ratio fresh_marked_route memory_marked bare
 ratio exempt memory_exempt bare_exempt

@@ -148,6 +148,7 @@ ratio() {
 if [ -s "$work/memory_fresh" ]; then
   ratio fresh_memory memory_fresh bare
   ratio replay_memory memory_replay bare
+  ratio fresh_marked_route memory_marked bare
 fi
 if [ -s "$work/memory_exempt" ]; then ratio exempt memory_exempt bare_exempt; fi
 if [ -s "$work/redis_fresh" ]; then

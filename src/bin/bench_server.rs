@@ -42,6 +42,12 @@ fn routes(config: &mut web::ServiceConfig) {
             web::resource("/exempt")
                 .wrap(IdempotencyPolicy::exempt())
                 .route(web::post().to(create_order)),
+        )
+        // As `#[idempotent]` marks a route: the key is settled by the route's policy.
+        .service(
+            web::resource("/marked")
+                .wrap(IdempotencyPolicy::required())
+                .route(web::post().to(create_order)),
         );
 }
 
@@ -120,7 +126,8 @@ async fn postgres_servers(url: &str, servers: &mut Vec<Server>) -> std::io::Resu
 fn bare_routes(config: &mut web::ServiceConfig) {
     config
         .route("/orders", web::post().to(create_order))
-        .route("/exempt", web::post().to(create_order));
+        .route("/exempt", web::post().to(create_order))
+        .route("/marked", web::post().to(create_order));
 }
 
 fn serve<F, T, B>(name: &str, factory: F) -> std::io::Result<Server>
