@@ -4,7 +4,7 @@
 # Redis when it answers), measured in one run with interleaved rounds, then the ratios.
 #
 #   bash benches/load/run.sh     # ROUNDS=5 SLICES=6 SLICE=1s CONNECTIONS=32 by default
-#   ONLY=pg bash benches/load/run.sh   # the PostgreSQL cases only
+#   ONLY=pg bash benches/load/run.sh   # the PostgreSQL cases only, then crash recovery (crash.sh)
 #
 # Installs wrk (Debian package) if missing and builds the server in release mode.
 set -euo pipefail
@@ -63,8 +63,15 @@ else
   echo "(no PostgreSQL at $DATABASE_URL: the PostgreSQL cases are skipped)"
 fi
 if [ -n "${ONLY:-}" ]; then
-  # ONLY=pg keeps the cases whose name starts with it, and the bare ones they are measured by.
-  kept=(); for case in "${cases[@]}"; do case "$case" in "$ONLY"*|bare*) kept+=("$case");; esac; done
+  # ONLY=memory keeps the cases whose name starts with it, and the bare ones they are measured
+  # by (the PostgreSQL cases have their own, pg_bare).
+  kept=()
+  for case in "${cases[@]}"; do
+    case "$case" in
+      "$ONLY"*) kept+=("$case") ;;
+      bare*) [[ "$ONLY" == pg* ]] || kept+=("$case") ;;
+    esac
+  done
   cases=("${kept[@]}")
 fi
 stop_server
@@ -148,8 +155,8 @@ ratio() {
 if [ -s "$work/memory_fresh" ]; then
   ratio fresh_memory memory_fresh bare
   ratio replay_memory memory_replay bare
-  ratio fresh_marked_route memory_marked bare
 fi
+if [ -s "$work/memory_marked" ]; then ratio fresh_marked_route memory_marked bare; fi
 if [ -s "$work/memory_exempt" ]; then ratio exempt memory_exempt bare_exempt; fi
 if [ -s "$work/redis_fresh" ]; then
   ratio fresh_redis redis_fresh bare
@@ -171,3 +178,7 @@ for name in redis_fresh redis_replay; do
     END { printf "redis-server %s, per request: %.1f us of process CPU; %.1f us in scripts, %.1f us in other commands (those scripts call included)\n",
           name, ticks / hz * 1e6 / requests, scripts / requests, others / requests }' "$work/$name.cost"
 done
+# Crash recovery, where the PostgreSQL cases ran: how soon a killed request's key is free.
+if [ -s "$work/pg_fresh" ]; then
+  bash "$here/crash.sh"
+fi

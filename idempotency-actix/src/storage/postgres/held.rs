@@ -14,8 +14,8 @@
 //! function gives up after a `lock_timeout` of 5 s on the table itself: a migration's lock
 //! fails requests, never hangs them.)
 //!
-//! The key is held as long as the handler's database session: a connection that dies while its
-//! handler still runs frees the key under it (see `docs/postgres.md`).
+//! The key is held as long as the handler's transaction, which ends with its connection: a
+//! connection that dies while its handler still runs frees the key under it (see `docs/postgres.md`).
 //!
 //! The function is one prepared statement, planned once per connection: the same lock and looks
 //! sent as a multi-statement query were planned on every request, which cost more database time
