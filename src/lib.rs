@@ -7,6 +7,7 @@ pub mod orders;
 pub mod postgres;
 #[path = "../idempotency-actix/src/storage/redis/private_cluster.rs"]
 mod private_cluster;
+pub mod resp_proxy;
 #[path = "../idempotency-actix/src/storage/postgres/test_database.rs"]
 mod test_database;
 pub mod tls;

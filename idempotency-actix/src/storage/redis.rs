@@ -420,9 +420,12 @@ impl RedisStore {
                 // A full Redis refuses every `SET`, even one that would not write; the script
                 // still reads a record (a replay), and is refused only when it writes.
                 Err(error) if matches!(fault_of(&error), BackendFault::Full) => {}
-                // Before Redis 7.0, `SET` takes `NX` or `GET`, not both.
+                // Before Redis 7.0, `SET` takes `NX` or `GET`, not both: a syntax error, for
+                // good. Any other refusal concerns this call only; the script answers it.
                 Err(error) if error.kind() == redis::ErrorKind::ResponseError => {
-                    if self.inner.plain_reserve.swap(false, Ordering::Relaxed) {
+                    if refuses_set_nx_get(&error)
+                        && self.inner.plain_reserve.swap(false, Ordering::Relaxed)
+                    {
                         tracing::info!(
                             "idempotency: this Redis refuses SET .. NX .. GET ({error}); keys \
                              are reserved by script only"
@@ -831,6 +834,13 @@ impl RedisStoreBuilder {
             }),
         })
     }
+}
+
+/// Whether `error` is how a Redis before 7.0 refuses `SET` with both `NX` and `GET`.
+fn refuses_set_nx_get(error: &redis::RedisError) -> bool {
+    error
+        .detail()
+        .is_some_and(|detail| detail.to_ascii_lowercase().contains("syntax error"))
 }
 
 fn backend(error: redis::RedisError) -> StoreError {
