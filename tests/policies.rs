@@ -26,8 +26,12 @@ async fn optional(runs: web::Data<Runs>) -> HttpResponse {
 
 #[idempotency_exempt]
 #[post("/exempt")]
-async fn exempt(runs: web::Data<Runs>) -> HttpResponse {
-    HttpResponse::Ok().body(runs.record().to_string())
+async fn exempt(runs: web::Data<Runs>, body: web::Bytes) -> HttpResponse {
+    HttpResponse::Ok().body(format!(
+        "{} {}",
+        runs.record(),
+        String::from_utf8_lossy(&body)
+    ))
 }
 
 #[idempotency_manual]
@@ -166,9 +170,9 @@ async fn exempt_handler_runs_every_time_with_or_without_a_key() {
             mode,
             &runs,
             vec![
-                post_to("/exempt"),
-                keyed("/exempt", "k"),
-                keyed("/exempt", "k"),
+                post_to("/exempt").set_payload("first"),
+                keyed("/exempt", "k").set_payload("second"),
+                keyed("/exempt", "k").set_payload("third"),
             ],
         )
         .await;
@@ -177,6 +181,9 @@ async fn exempt_handler_runs_every_time_with_or_without_a_key() {
                 .all(|r| r.status == StatusCode::OK && !r.is_replay()),
             "{mode:?}"
         );
+        // Each run read its own request's body, keyed or not.
+        let bodies: Vec<_> = got.iter().map(|r| r.body.clone()).collect();
+        assert_eq!(bodies, ["1 first", "2 second", "3 third"], "{mode:?}");
         assert_eq!(runs.count(), 3, "{mode:?}");
     }
 }

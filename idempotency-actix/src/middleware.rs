@@ -253,8 +253,13 @@ where
         let facts = RequestFacts::capture(&req, &self.config);
         let keyed = matches!(facts.key, Ok(Some(_)));
         let route = self.config.default_latches.route_to_check(req.request());
-        slot.hold(req.take_payload());
-        req.set_payload(slot.stand_in());
+        if keyed {
+            // Held for whoever settles the key. A request without a usable key needs no stand-in:
+            // the default refuses it without reading its body, and a route that claims it reads
+            // the body where it is.
+            slot.hold(req.take_payload());
+            req.set_payload(slot.stand_in());
+        }
         // A keyed request's work outlives the request (unless an outer registration already
         // sees to that): a client that goes away does not cancel it half-way, and its retry
         // gets the replay.
