@@ -119,12 +119,18 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Creates the store's table and index if they do not exist, and (again) the function that
-    /// holds keys in transactions.
+    /// Creates the store's table and index if they do not exist, and the function that holds
+    /// keys in transactions if it is missing or another version.
     ///
-    /// Instances starting together take turns (a transaction-scoped advisory lock on the
-    /// table's name), so that none of them fails on the catalog rows another one is writing.
+    /// A schema already in place is left alone, so that a role that may use the table without
+    /// owning it (one that cannot create anything) starts as well; where something is missing,
+    /// such a role gets an error naming [`SCHEMA`](Self::SCHEMA), to run as the owner. Instances
+    /// starting together take turns (a transaction-scoped advisory lock on the table's name), so
+    /// that none of them fails on the catalog rows another one is writing.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        if self.schema_in_place().await? {
+            return Ok(());
+        }
         let mut transaction = self.inner.statements.begin().await.map_err(backend)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(held::schema_lock_id(&self.inner.table))
@@ -134,8 +140,47 @@ impl PostgresStore {
         sqlx::raw_sql(&self.inner.sql.schema)
             .execute(&mut *transaction)
             .await
-            .map_err(backend)?;
+            .map_err(|error| self.schema_error(error))?;
         transaction.commit().await.map_err(backend)
+    }
+
+    /// Whether the table, its index and this version of its hold function exist.
+    async fn schema_in_place(&self) -> Result<bool, StoreError> {
+        let table = &self.inner.table;
+        let Some(hold_body) = schema::hold_function_body(&self.inner.sql.schema) else {
+            return Ok(false);
+        };
+        sqlx::query_scalar(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure($3) AND prosrc = $4)",
+        )
+        .bind(table)
+        .bind(schema::index_name(table))
+        .bind(format!("{table}_hold(text,bigint)"))
+        .bind(hold_body)
+        .fetch_one(&self.inner.statements)
+        .await
+        .map_err(backend)
+    }
+
+    /// A failure to create the schema; one for want of privileges says what to run instead.
+    fn schema_error(&self, error: sqlx::Error) -> StoreError {
+        let denied = error
+            .as_database_error()
+            .and_then(|database| database.code())
+            .is_some_and(|code| code == "42501");
+        if !denied {
+            return backend(error);
+        }
+        StoreError::Backend(
+            format!(
+                "the schema of the idempotency table {} is missing or another version, and this \
+                 role may not create it ({error}): run PostgresStore::SCHEMA (the migrations) as \
+                 the schema's owner",
+                self.inner.table
+            )
+            .into(),
+        )
     }
 
     /// A job that deletes expired rows, with the default period and batch size.

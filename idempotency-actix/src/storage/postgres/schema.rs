@@ -88,6 +88,22 @@ fn schema_for(table: &str) -> String {
         )
 }
 
+/// The name of `table`'s expiry index, as the schema makes it (in the table's schema).
+pub(super) fn index_name(table: &str) -> String {
+    match table.rsplit_once('.') {
+        Some((schema, bare)) => format!("{schema}.{bare}_expires_at"),
+        None => format!("{table}_expires_at"),
+    }
+}
+
+/// The body of the hold function in `schema`, as PostgreSQL keeps it (`pg_proc.prosrc`): what
+/// tells whether a database has this version of it.
+pub(super) fn hold_function_body(schema: &str) -> Option<&str> {
+    let start = schema.find("AS $$")? + "AS $$".len();
+    let length = schema[start..].find("$$;")?;
+    Some(&schema[start..start + length])
+}
+
 const IN: &str = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
 
 /// A reservation freed (released or purged) before its lease's end keeps its row until then,

@@ -394,3 +394,60 @@ async fn instances_starting_together_all_make_sure_of_the_schema() {
         assert!(outcome.is_ok(), "{outcome:?}");
     }
 }
+
+/// A role that may use the table without owning it (the least privilege a service runs with)
+/// starts with `ensure_schema` once the owner has made the schema: nothing is created again.
+/// Where the schema is missing, such a role gets an error that says what to run.
+#[actix_rt::test]
+async fn a_role_that_does_not_own_the_schema_starts_once_it_is_in_place() {
+    let Some(url) = postgres_url_or_skip(module_path!()).await else {
+        return;
+    };
+    let schema = fresh_schema(&url).await;
+    let table = format!("{schema}.keys");
+    let _owner = store_on(&url, &table).await;
+    let role = format!("{schema}_app");
+    let mut admin = PgConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {schema} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|e| panic!("role: {e}"));
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap_or_else(|e| panic!("url: {e}"))
+        .username(&role);
+    let pool = PgPool::connect_lazy_with(options);
+    let app_store = |table: &str| {
+        PostgresStore::builder_from_pool(pool.clone())
+            .table(table)
+            .build()
+            .unwrap_or_else(|e| panic!("store: {e}"))
+    };
+
+    let store = app_store(&table);
+    let started = store.ensure_schema().await;
+    let (acquired, transaction) = hold(&store, "k", Fingerprint([6; 32])).await;
+    let held = transaction.is_some();
+    drop(transaction);
+    let missing = app_store(&format!("{schema}.other")).ensure_schema().await;
+    pool.close().await;
+    drop(store);
+    drop_schema(&url, &schema).await;
+    let _ = sqlx::raw_sql(&format!("DROP ROLE {role}"))
+        .execute(&mut admin)
+        .await;
+
+    assert!(started.is_ok(), "{started:?}");
+    assert!(matches!(acquired, Reservation::Acquired), "{acquired:?}");
+    assert!(held, "held by the role's transaction");
+    let missing = missing.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        missing.contains("PostgresStore::SCHEMA"),
+        "the error says what to run: {missing}"
+    );
+}
