@@ -1,7 +1,7 @@
 //! The app-level middleware: registered once with `App::wrap`.
 
 use std::{
-    future::{ready, Ready},
+    future::{ready, Future, Ready},
     rc::Rc,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -278,23 +278,32 @@ where
             };
         }
         let settle = unclaimed::settle(slot, facts, route, routed);
-        match (outer.superseded, detach) {
-            (None, true) => Either::Right(Either::Left(flow::spawn_detached(settle))),
-            (None, false) => Either::Right(Either::Right(Box::pin(settle))),
+        Either::Right(match outer.superseded {
+            None => outliving(settle, detach),
             // Rare (a second registration further out), and kept apart: freeing the outer
             // reservation first would make the common future larger, and it is moved whole.
-            (Some(superseded), detach) => {
-                let settle = async move {
+            Some(superseded) => outliving(
+                async move {
                     superseded.abandon().await;
                     settle.await
-                };
-                if detach {
-                    Either::Right(Either::Left(flow::spawn_detached(settle)))
-                } else {
-                    Either::Right(Either::Right(Box::pin(settle)))
-                }
-            }
-        }
+                },
+                detach,
+            ),
+        })
+    }
+}
+
+/// The routed request's `work`: moved into a task of its own if the request is dropped before
+/// it ends (`detach`), or boxed.
+fn outliving<B, F>(work: F, detach: bool) -> Either<Detached<B>, BoxedResponse<B>>
+where
+    F: Future<Output = Result<ServiceResponse<EitherBody<B>>, Error>> + 'static,
+    B: 'static,
+{
+    if detach {
+        Either::Left(flow::spawn_detached(work))
+    } else {
+        Either::Right(Box::pin(work))
     }
 }
 
