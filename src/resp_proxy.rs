@@ -15,7 +15,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
@@ -23,7 +23,8 @@ use tokio::{
 /// What the proxy does to a `SET` that carries both `NX` and `GET`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetNxGet {
-    /// Refused with `ERR syntax error`, as Redis 6 refuses it (it takes `NX` or `GET`, not both).
+    /// Refused with `ERR syntax error`, as Redis 6 refuses it (it takes `NX` or `GET`, not
+    /// both); `SSUBSCRIBE` is an unknown command, as it is there.
     RefusedLikeRedis6,
     /// Only the first one is refused, with an error that says nothing of the syntax (`ERR invalid
     /// expire time`); the rest pass.
@@ -66,7 +67,11 @@ impl RespProxy {
                     let (seen, refusals, upstream) =
                         (Arc::clone(&seen), Arc::clone(&refusals), upstream.clone());
                     tokio::spawn(async move {
-                        let _ = relay(client, &upstream, behaviour, &seen, &refusals).await;
+                        if let Err(error) =
+                            relay(client, &upstream, behaviour, &seen, &refusals).await
+                        {
+                            eprintln!("resp proxy: a connection ended: {error}");
+                        }
                     });
                 }
             }
@@ -105,10 +110,25 @@ async fn relay(
 ) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await?;
     let (client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
+    let (mut server_read, server_write) = server.into_split();
     let answers = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
     });
+    let relayed = relay_commands(client_read, server_write, behaviour, seen, refusals).await;
+    if relayed.is_err() {
+        answers.abort();
+    }
+    relayed
+}
+
+/// The client's commands, up to the server, rewritten where asked.
+async fn relay_commands(
+    client_read: tokio::net::tcp::OwnedReadHalf,
+    mut server_write: tokio::net::tcp::OwnedWriteHalf,
+    behaviour: SetNxGet,
+    seen: &Seen,
+    refusals: &AtomicUsize,
+) -> io::Result<()> {
     let mut commands = BufReader::new(client_read);
     while let Some(mut command) = read_command(&mut commands).await? {
         let name = command
@@ -131,11 +151,14 @@ async fn relay(
             }
         } else if name == b"EVALSHA" || name == b"EVAL" {
             seen.scripts.fetch_add(1, Ordering::SeqCst);
+        } else if name == b"SSUBSCRIBE" && behaviour == SetNxGet::RefusedLikeRedis6 {
+            // Sharded pub/sub came with 7.0 too: an unknown command before it.
+            command[0] = b"SSUBSCRIBE-BEFORE-7".to_vec();
         }
         server_write.write_all(&encode(&command)).await?;
     }
-    answers.abort();
-    Ok(())
+    // The client is done sending; the answers still on their way reach it.
+    server_write.shutdown().await
 }
 
 /// The command Redis answers with the error the behaviour stands for.
@@ -154,7 +177,7 @@ fn refused_form(command: &[Vec<u8>], behaviour: SetNxGet) -> Vec<Vec<u8>> {
 
 /// Reads one command (a RESP array of bulk strings), or `None` at the end of the stream.
 async fn read_command(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut (impl AsyncBufRead + Unpin),
 ) -> io::Result<Option<Vec<Vec<u8>>>> {
     let Some(header) = read_line(reader).await? else {
         return Ok(None);
@@ -180,9 +203,7 @@ async fn read_command(
 }
 
 /// One line without its CRLF, or `None` at the end of the stream.
-async fn read_line(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-) -> io::Result<Option<Vec<u8>>> {
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     if reader.read_until(b'\n', &mut line).await? == 0 {
         return Ok(None);

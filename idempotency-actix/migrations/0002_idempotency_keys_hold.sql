@@ -5,6 +5,9 @@
 --
 -- It is VOLATILE, so that each of its queries reads with a snapshot of its own: the second look
 -- at the key, after the lock, sees a record its previous holder committed before releasing it.
+--
+-- `PostgresStore::ensure_schema` recognises this function by its body: change the version line
+-- in it with anything about the function, so that databases get the new one.
 CREATE OR REPLACE FUNCTION idempotency_keys_hold(held_key text, lock_id bigint)
 RETURNS TABLE (lock_free boolean, key_state text, key_fingerprint bytea, key_record bytea,
                lease_left_ms float8, key_token bigint)
@@ -12,6 +15,7 @@ LANGUAGE plpgsql VOLATILE
 -- A table locked by a migration makes a request fail after this, never hang.
 SET lock_timeout = '5s'
 AS $$
+-- idempotency-actix hold function, version 1
 BEGIN
     -- A record first, without the lock: replays take none.
     RETURN QUERY

@@ -232,6 +232,8 @@ struct Inner {
     /// Whether reservations start with a plain `SET .. NX .. GET` (Redis 7.0 or later): off
     /// once the server refused it.
     plain_reserve: AtomicBool,
+    /// Whether a refusal of it for another reason was logged (once: requests cause them).
+    plain_refusal_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -423,12 +425,21 @@ impl RedisStore {
                 // Before Redis 7.0, `SET` takes `NX` or `GET`, not both: a syntax error, for
                 // good. Any other refusal concerns this call only; the script answers it.
                 Err(error) if error.kind() == redis::ErrorKind::ResponseError => {
-                    if refuses_set_nx_get(&error)
-                        && self.inner.plain_reserve.swap(false, Ordering::Relaxed)
+                    if refuses_set_nx_get(&error) {
+                        if self.inner.plain_reserve.swap(false, Ordering::Relaxed) {
+                            tracing::info!(
+                                "idempotency: this Redis refuses SET .. NX .. GET ({error}); \
+                                 keys are reserved by script only"
+                            );
+                        }
+                    } else if !self
+                        .inner
+                        .plain_refusal_logged
+                        .swap(true, Ordering::Relaxed)
                     {
-                        tracing::info!(
-                            "idempotency: this Redis refuses SET .. NX .. GET ({error}); keys \
-                             are reserved by script only"
+                        tracing::warn!(
+                            "idempotency: Redis refused a reservation by SET .. NX .. GET \
+                             ({error}); the script made it (logged once)"
                         );
                     }
                 }
@@ -831,6 +842,7 @@ impl RedisStoreBuilder {
                 inspect: Script::new(INSPECT),
                 purge: Script::new(PURGE),
                 plain_reserve: AtomicBool::new(true),
+                plain_refusal_logged: AtomicBool::new(false),
             }),
         })
     }

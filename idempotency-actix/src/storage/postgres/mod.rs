@@ -124,7 +124,7 @@ impl PostgresStore {
     ///
     /// A schema already in place is left alone, so that a role that may use the table without
     /// owning it (one that cannot create anything) starts as well; where something is missing,
-    /// such a role gets an error naming [`SCHEMA`](Self::SCHEMA), to run as the owner. Instances
+    /// such a role gets an error naming [`schema`](Self::schema), to run as the owner. Instances
     /// starting together take turns (a transaction-scoped advisory lock on the table's name), so
     /// that none of them fails on the catalog rows another one is writing.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
@@ -172,15 +172,16 @@ impl PostgresStore {
         if !denied {
             return backend(error);
         }
-        StoreError::Backend(
-            format!(
-                "the schema of the idempotency table {} is missing or another version, and this \
-                 role may not create it ({error}): run PostgresStore::SCHEMA (the migrations) as \
-                 the schema's owner",
-                self.inner.table
-            )
-            .into(),
-        )
+        StoreError::Backend(Box::new(SchemaNotCreatable {
+            table: self.inner.table.clone(),
+            source: error,
+        }))
+    }
+
+    /// The schema of this store's table (and of the function that holds its keys), as
+    /// migrations: [`SCHEMA`](Self::SCHEMA) written for the table the store was built with.
+    pub fn schema(&self) -> &str {
+        &self.inner.sql.schema
     }
 
     /// A job that deletes expired rows, with the default period and batch size.
@@ -636,6 +637,31 @@ impl PostgresStoreBuilder {
                 hold: held::HoldFunction::default(),
             }),
         })
+    }
+}
+
+/// The schema is missing or another version, and the store's role may not make it.
+#[derive(Debug)]
+struct SchemaNotCreatable {
+    table: String,
+    source: sqlx::Error,
+}
+
+impl std::fmt::Display for SchemaNotCreatable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the schema of the idempotency table {} is missing or another version, and this \
+             role may not create it ({}): run PostgresStore::schema() (for the default table, \
+             PostgresStore::SCHEMA) as the schema's owner",
+            self.table, self.source
+        )
+    }
+}
+
+impl std::error::Error for SchemaNotCreatable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 

@@ -65,14 +65,10 @@ pub(super) struct Statements {
     pub(super) hold: String,
 }
 
-/// The migration's statements for `table` (its index named after the table, without schema).
+/// The migration's statements for `table`.
 fn schema_for(table: &str) -> String {
-    let bare = table.rsplit('.').next().unwrap_or(table);
     DEFAULT_SCHEMA
-        .replace(
-            &format!("{DEFAULT_TABLE}_expires_at"),
-            &format!("{bare}_expires_at"),
-        )
+        .replace(&bare_index_name(DEFAULT_TABLE), &bare_index_name(table))
         .replace(&format!("ON {DEFAULT_TABLE} "), &format!("ON {table} "))
         .replace(
             &format!("NOT EXISTS {DEFAULT_TABLE} ("),
@@ -88,11 +84,18 @@ fn schema_for(table: &str) -> String {
         )
 }
 
-/// The name of `table`'s expiry index, as the schema makes it (in the table's schema).
+/// The name of `table`'s expiry index as the schema writes it: after the table, without its
+/// schema (an index lives in its table's schema).
+fn bare_index_name(table: &str) -> String {
+    let bare = table.rsplit('.').next().unwrap_or(table);
+    format!("{bare}_expires_at")
+}
+
+/// The name of `table`'s expiry index as `to_regclass` finds it.
 pub(super) fn index_name(table: &str) -> String {
     match table.rsplit_once('.') {
-        Some((schema, bare)) => format!("{schema}.{bare}_expires_at"),
-        None => format!("{table}_expires_at"),
+        Some((schema, _)) => format!("{schema}.{}", bare_index_name(table)),
+        None => bare_index_name(table),
     }
 }
 
@@ -219,6 +222,23 @@ mod tests {
         assert!(other.contains("CREATE OR REPLACE FUNCTION api.keys_hold("));
         assert!(other.contains("FROM api.keys AS r"));
         assert!(!other.contains(DEFAULT_TABLE));
+    }
+
+    #[test]
+    fn the_schema_in_place_is_recognised_by_its_index_and_function_body() {
+        assert_eq!(index_name(DEFAULT_TABLE), "idempotency_keys_expires_at");
+        assert_eq!(index_name("api.keys"), "api.keys_expires_at");
+        for table in [DEFAULT_TABLE, "api.keys"] {
+            let schema = schema_for(table);
+            let body = hold_function_body(&schema).unwrap_or_default();
+            assert!(body.starts_with('\n') && body.ends_with("END\n"), "{body}");
+            assert!(
+                body.contains("version 1"),
+                "the version line is in the body"
+            );
+            assert!(body.contains(&format!("FROM {table} AS r")));
+            assert!(!body.contains("$$"));
+        }
     }
 
     #[test]

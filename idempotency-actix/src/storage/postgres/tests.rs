@@ -447,7 +447,7 @@ async fn a_role_that_does_not_own_the_schema_starts_once_it_is_in_place() {
     assert!(held, "held by the role's transaction");
     let missing = missing.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(
-        missing.contains("PostgresStore::SCHEMA"),
+        missing.contains("PostgresStore::schema()"),
         "the error says what to run: {missing}"
     );
 }
