@@ -4,6 +4,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use futures_util::FutureExt;
 use sqlx::Connection;
 
 use super::{test_database::postgres_url_or_skip, *};
@@ -429,18 +430,26 @@ async fn a_role_that_does_not_own_the_schema_starts_once_it_is_in_place() {
             .unwrap_or_else(|e| panic!("store: {e}"))
     };
 
-    let store = app_store(&table);
-    let started = store.ensure_schema().await;
-    let (acquired, transaction) = hold(&store, "k", Fingerprint([6; 32])).await;
-    let held = transaction.is_some();
-    drop(transaction);
-    let missing = app_store(&format!("{schema}.other")).ensure_schema().await;
+    // Whatever happens, the role (which outlives databases) and the schema are dropped.
+    let outcome = std::panic::AssertUnwindSafe(async {
+        let store = app_store(&table);
+        let started = store.ensure_schema().await;
+        let (acquired, transaction) = hold(&store, "k", Fingerprint([6; 32])).await;
+        let held = transaction.is_some();
+        drop(transaction);
+        let missing = app_store(&format!("{schema}.other")).ensure_schema().await;
+        (started, acquired, held, missing)
+    })
+    .catch_unwind()
+    .await;
     pool.close().await;
-    drop(store);
     drop_schema(&url, &schema).await;
-    let _ = sqlx::raw_sql(&format!("DROP ROLE {role}"))
+    let dropped = sqlx::raw_sql(&format!("DROP ROLE {role}"))
         .execute(&mut admin)
         .await;
+    let (started, acquired, held, missing) =
+        outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert!(dropped.is_ok(), "{dropped:?}");
 
     assert!(started.is_ok(), "{started:?}");
     assert!(matches!(acquired, Reservation::Acquired), "{acquired:?}");
